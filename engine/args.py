@@ -1,0 +1,43 @@
+"""Engine settings, named as in SGLang / sglang-jax where a name exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+CPU_DEFAULTS = {"page_size": 16, "chunked_prefill_size": 512}
+
+
+@dataclass
+class EngineArgs:
+    model_path: str | None = None  # None → the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    tp_size: int = 1
+    page_size: int = 16
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 512
+    max_prefill_seqs: int = 8
+    context_length: int | None = 4096
+    max_total_tokens: int | None = None  # KV pool size in tokens; None → from mem_fraction_static
+    mem_fraction_static: float = 0.25
+    disable_radix_cache: bool = False
+    schedule_policy: str = "fcfs"
+    random_seed: int | None = None
+    precompile_bs_paddings: list[int] | None = None
+    precompile_token_paddings: list[int] | None = None
+
+    def resolve_num_pages(self, bytes_per_page: int, max_pages_per_seq: int) -> int:
+        """Pages in the KV pool (page 0 is reserved as the padding sink)."""
+        if self.max_total_tokens:
+            pages = -(-self.max_total_tokens // self.page_size)
+        else:
+            budget = psutil.virtual_memory().available * self.mem_fraction_static
+            pages = int(budget // bytes_per_page)
+            pages = min(pages, self.max_running_requests * max_pages_per_seq)
+        if pages < max_pages_per_seq:
+            raise ValueError(
+                f"the KV pool ({pages} pages of {self.page_size} tokens) cannot hold one "
+                f"request of the full context ({max_pages_per_seq} pages): raise "
+                "--max-total-tokens or --mem-fraction-static, or lower --context-length")
+        return pages + 1

@@ -1,0 +1,51 @@
+"""What one device step consumes: a handful of padded arrays.
+
+The scheduler decides, the model runner packs its decision into a
+``StepBatch`` and a ``SamplingBatch``: small arrays that describe the whole
+step, so they can be cached per shape, sent to other hosts and fed to the
+jitted step function as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class StepBatch:
+    tokens: jax.Array  # (S, Q) int32 input token ids, padding 0
+    positions: jax.Array  # (S, Q) int32 absolute positions
+    slots: jax.Array  # (S, Q) int32 cache slot each token's K/V is written to (padding → page 0)
+    page_table: jax.Array  # (S, P) int32 pages owned by each sequence (padding → page 0)
+    kv_lens: jax.Array  # (S,) int32 cached tokens per sequence after this step
+    last_index: jax.Array  # (S,) int32 index in Q of the token to sample from
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SamplingBatch:
+    temperature: jax.Array  # (S,) float32; 0 → greedy
+    top_k: jax.Array  # (S,) int32; 0 → off
+    top_p: jax.Array  # (S,) float32; 1 → off
+    min_p: jax.Array  # (S,) float32; 0 → off
+    seeds: jax.Array  # (S,) uint32 per-request seed
+    steps: jax.Array  # (S,) int32 how many tokens the request has generated (varies the key)
+    all_greedy: jax.Array  # () bool: skip the sort when nobody samples
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class LogitAdjust:
+    """Per-request logit processing, only sent when some request in the step asks for it."""
+
+    bias: jax.Array  # (S, V) float32 additive: presence/frequency penalty, logit_bias, min_tokens
+    seen: jax.Array  # (S, V) bool tokens the repetition penalty applies to
+    repetition_penalty: jax.Array  # (S,) float32; 1 → off
+
+
+def as_numpy_tree(tree):
+    return jax.tree.map(np.asarray, tree)

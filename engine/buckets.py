@@ -1,0 +1,66 @@
+"""Shape buckets: every device step is padded to one of a few shapes.
+
+A step's shape is (sequences S, query tokens Q, pages per sequence P). Decode
+steps have Q = 1; prefill steps have Q from the token paddings. Warmup
+compiles every bucket, so a running server never meets a new shape.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    out, v = [], lo
+    while v < hi:
+        out.append(v)
+        v *= 2
+    out.append(hi)
+    return sorted(set(out))
+
+
+def pick(buckets: list[int], n: int) -> int:
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+@dataclass(frozen=True)
+class BucketPlan:
+    decode_batch: tuple[int, ...]  # S for decode steps
+    prefill_batch: tuple[int, ...]  # S for prefill steps
+    prefill_tokens: tuple[int, ...]  # Q for prefill steps
+    pages: tuple[int, ...]  # P
+
+    @classmethod
+    def plan(cls, *, max_running: int, max_prefill_seqs: int, chunked_prefill_size: int,
+             max_pages_per_seq: int, bs_paddings: list[int] | None = None,
+             token_paddings: list[int] | None = None) -> "BucketPlan":
+        decode = sorted(set(bs_paddings)) if bs_paddings else powers_of_two(1, max_running)
+        tokens = (sorted(set(token_paddings)) if token_paddings
+                  else powers_of_two(min(32, chunked_prefill_size), chunked_prefill_size))
+        return cls(
+            decode_batch=tuple(decode),
+            prefill_batch=tuple(powers_of_two(1, max_prefill_seqs)),
+            prefill_tokens=tuple(tokens),
+            pages=tuple(powers_of_two(min(4, max_pages_per_seq), max_pages_per_seq)),
+        )
+
+    def shape_for(self, is_prefill: bool, num_seqs: int, max_tokens: int, max_pages: int):
+        if is_prefill:
+            return (pick(list(self.prefill_batch), num_seqs),
+                    pick(list(self.prefill_tokens), max_tokens), pick(list(self.pages), max_pages))
+        return pick(list(self.decode_batch), num_seqs), 1, pick(list(self.pages), max_pages)
+
+    def all_shapes(self) -> list[tuple[bool, int, int, int]]:
+        shapes = [(False, s, 1, p) for s in self.decode_batch for p in self.pages]
+        shapes += [(True, s, q, p) for s in self.prefill_batch for q in self.prefill_tokens
+                   for p in self.pages if s * q <= max(self.prefill_tokens) * 2]
+        return shapes
+
+    def describe(self) -> str:
+        return (f"decode batch {list(self.decode_batch)}, prefill batch "
+                f"{list(self.prefill_batch)} x tokens {list(self.prefill_tokens)}, "
+                f"pages/seq {list(self.pages)} ({len(self.all_shapes())} shapes)")

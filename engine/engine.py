@@ -1,0 +1,186 @@
+"""The engine: tokenize → schedule → run → detokenize, one step at a time.
+
+``Engine.generate`` is the whole data path in one loop; the HTTP server
+drives the same ``add_request`` / ``step`` calls from its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from sgljax.engine.args import EngineArgs
+from sgljax.engine.buckets import BucketPlan
+from sgljax.engine.kv_cache import KVCacheSpec, PagePool
+from sgljax.engine.loader import load_model
+from sgljax.engine.mesh import make_mesh
+from sgljax.engine.model_runner import ModelRunner
+from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
+from sgljax.engine.request import Sequence
+from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.scheduler import Scheduler, SchedulerConfig
+from sgljax.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (too long, bad parameters)."""
+
+
+@dataclass
+class RequestOutput:
+    rid: str
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    seq: Sequence
+    text: str = ""
+    finish_reason: str | None = None
+    delta_logprobs: list[float] = field(default_factory=list)
+    delta_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.output_ids
+
+
+class Engine:
+    def __init__(self, args: EngineArgs | None = None, **kwargs):
+        self.args = args = args or EngineArgs(**kwargs)
+        self.mesh = make_mesh(args.tp_size)
+        loaded = load_model(args.model_path, self.mesh, args.dtype)
+        self.model_config = cfg = loaded.config
+        self.model_path = loaded.path
+        self.tokenizer = Tokenizer(loaded.path)
+        self.context_length = min(args.context_length or cfg.max_position_embeddings,
+                                  cfg.max_position_embeddings)
+        self.eos_ids = frozenset(cfg.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        ps = args.page_size
+        max_pages_per_seq = -(-self.context_length // ps)
+        kv_spec = KVCacheSpec(cfg.num_layers, 0, ps, loaded.model.kv_heads, cfg.head_dim,
+                              loaded.model.dtype)
+        kv_spec.num_pages = args.resolve_num_pages(kv_spec.bytes_per_page(), max_pages_per_seq)
+        self.pool = PagePool(kv_spec.num_pages)
+        self.prefix_cache = (NoPrefixCache() if args.disable_radix_cache
+                             else RadixPrefixCache(self.pool, ps))
+        self.scheduler = Scheduler(SchedulerConfig(
+            page_size=ps, max_running_requests=args.max_running_requests,
+            chunked_prefill_size=args.chunked_prefill_size,
+            max_prefill_seqs=args.max_prefill_seqs, context_length=self.context_length,
+            schedule_policy=args.schedule_policy), self.pool, self.prefix_cache)
+        self.plan = BucketPlan.plan(
+            max_running=args.max_running_requests, max_prefill_seqs=args.max_prefill_seqs,
+            chunked_prefill_size=args.chunked_prefill_size, max_pages_per_seq=max_pages_per_seq,
+            bs_paddings=args.precompile_bs_paddings, token_paddings=args.precompile_token_paddings)
+        self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._rng = random.Random(args.random_seed)
+        log.info("KV pool: %d pages of %d tokens; buckets: %s", kv_spec.num_pages, ps,
+                 self.plan.describe())
+
+    # -- requests ------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    rid: str | None = None) -> Sequence:
+        params = SamplingParams(**vars(params)) if params else SamplingParams()
+        params.validate(self.model_config.vocab_size)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise RequestError("the prompt has token ids outside the vocabulary")
+        if len(ids) >= self.context_length:
+            raise RequestError(f"the prompt has {len(ids)} tokens; the context length is "
+                               f"{self.context_length}")
+        params.max_tokens = min(params.max_tokens, self.context_length - len(ids))
+        if params.seed is None:
+            params.seed = self._rng.getrandbits(32)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_ids)
+        seq = Sequence(prompt_ids=ids, params=params, stop_ids=stop_ids)
+        if rid is not None:
+            seq.rid = rid
+        self._detok[seq.rid] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
+                                                      params.stop)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, rid: str) -> None:
+        if self.scheduler.abort(rid) is not None:
+            self._detok.pop(rid, None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step --------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched is None:
+            return []
+        out = self.runner.run(sched)
+        results = []
+        now = time.monotonic()
+        for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
+            seq.num_computed += n
+            if seq.num_computed < seq.num_tokens:
+                self.prefix_cache.insert(seq.all_ids[:seq.num_computed], seq.pages)
+                continue  # a prompt chunk: nothing sampled yet
+            results.append(self._append_token(seq, out, i, now))
+        return results
+
+    def _append_token(self, seq: Sequence, out, i: int, now: float) -> RequestOutput:
+        tok = int(out.tokens[i])
+        seq.output_ids.append(tok)
+        seq.first_token_time = seq.first_token_time or now
+        top = []
+        if seq.params.logprobs:
+            seq.output_logprobs.append(float(out.logprobs[i]))
+            k = seq.params.top_logprobs
+            top = [(int(a), float(b)) for a, b in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
+            seq.output_top_logprobs.append(top)
+        detok = self._detok[seq.rid]
+        delta = detok.add(tok)
+        if tok in seq.stop_ids:  # min_tokens already kept them from being sampled
+            self.scheduler.finish(seq, "stop", tok)
+        elif detok.stopped_by is not None:
+            self.scheduler.finish(seq, "stop", detok.stopped_by)
+        elif (len(seq.output_ids) >= seq.params.max_tokens
+              or seq.num_tokens >= self.context_length):
+            self.scheduler.finish(seq, "length")
+        if seq.finished:
+            delta += detok.flush()
+            self._detok.pop(seq.rid, None)
+        return RequestOutput(seq.rid, delta, [tok], seq.finished, seq, detok.text,
+                             seq.finish_reason,
+                             seq.output_logprobs[-1:] if seq.params.logprobs else [],
+                             [top] if seq.params.logprobs else [])
+
+    # -- the offline API -----------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]] | str,
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[dict]:
+        """Run prompts to completion; returns [{"text", "token_ids", "finish_reason"}]."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        texts = {s.rid: "" for s in seqs}
+        while any(not s.finished for s in seqs):
+            for o in self.step():
+                if o.rid in texts:
+                    texts[o.rid] += o.delta_text
+        return [{"text": texts[s.rid], "token_ids": list(s.output_ids),
+                 "finish_reason": s.finish_reason, "logprobs": list(s.output_logprobs)}
+                for s in seqs]
+
+    def warmup(self, progress=None) -> int:
+        """Compile every bucket shape; returns how many."""
+        shapes = self.plan.all_shapes()
+        for n, (is_prefill, S, Q, P) in enumerate(shapes):
+            self.runner.warmup_shape(is_prefill, S, Q, P)
+            if progress:
+                progress(n + 1, len(shapes))
+        self.runner.warmed_up = True
+        return len(shapes)

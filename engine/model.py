@@ -1,0 +1,110 @@
+"""The decoder: one Flax NNX module for Qwen3, Qwen2 and Llama.
+
+Layer weights are stacked on a leading layer axis and run with ``lax.scan``,
+so compile time does not grow with depth. Every parameter carries the names
+of the mesh axes it is split over (``"tp"``), even when the mesh has one
+device, so tensor parallelism is a matter of the mesh, not of the model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sgljax.engine.batch import StepBatch
+from sgljax.engine.config import ModelConfig, rope_inv_freq
+from sgljax.engine.layers import apply_rope, rms_norm, rope_cos_sin, swiglu_mlp
+from sgljax.kernels.paged_attention import paged_attention, write_kv
+
+TP = "tp"
+
+
+def _param(rngs: nnx.Rngs, shape, dtype, sharding, scale=0.02, ones=False):
+    if ones:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * scale).astype(dtype)
+    return nnx.Param(value, out_sharding=sharding)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked: each has a leading (L,) axis."""
+
+    def __init__(self, cfg: ModelConfig, kv_heads: int, dtype, rngs: nnx.Rngs):
+        L, d, f, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        qd, kvd = cfg.num_heads * hd, kv_heads * hd
+        p = lambda shape, spec, **kw: _param(rngs, shape, dtype, spec, **kw)  # noqa: E731
+        self.input_norm = p((L, d), (None, None), ones=True)
+        self.post_attn_norm = p((L, d), (None, None), ones=True)
+        self.q_proj = p((L, d, qd), (None, None, TP))
+        self.k_proj = p((L, d, kvd), (None, None, TP))
+        self.v_proj = p((L, d, kvd), (None, None, TP))
+        self.o_proj = p((L, qd, d), (None, TP, None))
+        if cfg.qkv_bias:
+            self.q_bias = p((L, qd), (None, TP))
+            self.k_bias = p((L, kvd), (None, TP))
+            self.v_bias = p((L, kvd), (None, TP))
+        if cfg.qk_norm:
+            self.q_norm = p((L, hd), (None, None), ones=True)
+            self.k_norm = p((L, hd), (None, None), ones=True)
+        self.gate_proj = p((L, d, f), (None, None, TP))
+        self.up_proj = p((L, d, f), (None, None, TP))
+        self.down_proj = p((L, f, d), (None, TP, None))
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, kv_heads: int | None = None, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.kv_heads = kv_heads or cfg.num_kv_heads  # > cfg's when KV heads are replicated for TP
+        self.dtype = dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, (TP, None))
+        self.layers = DecoderLayers(cfg, self.kv_heads, dtype, rngs)
+        self.final_norm = _param(rngs, (cfg.hidden_size,), dtype, (None,), ones=True)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype, (None, TP))
+        self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))
+
+    def __call__(self, batch: StepBatch, k_cache: jax.Array, v_cache: jax.Array,
+                 page_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache)."""
+        cfg = self.cfg
+        s, qn = batch.tokens.shape
+        h = self.embed[...][batch.tokens]  # (S, Q, D)
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq[...], self.dtype)
+        layer_weights = {name: var[...] for name, var in vars(self.layers).items()
+                         if isinstance(var, nnx.Param)}
+        hd, nh, kvh = cfg.head_dim, cfg.num_heads, self.kv_heads
+
+        def layer_step(carry, xs):
+            h, k_cache, v_cache = carry
+            w, layer = xs
+            x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
+            q, k, v = x @ w["q_proj"], x @ w["k_proj"], x @ w["v_proj"]
+            if cfg.qkv_bias:
+                q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+            q = q.reshape(s, qn, nh, hd)
+            k = k.reshape(s, qn, kvh, hd)
+            v = v.reshape(s, qn, kvh, hd)
+            if cfg.qk_norm:
+                q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k_cache, v_cache = write_kv(k_cache, v_cache, layer, batch.slots, k, v)
+            attn = paged_attention(q, k_cache, v_cache, layer, batch.page_table,
+                                   batch.positions, batch.kv_lens, page_size)
+            h = h + attn.reshape(s, qn, nh * hd) @ w["o_proj"]
+            x = rms_norm(h, w["post_attn_norm"], cfg.rms_norm_eps)
+            h = h + swiglu_mlp(x, w["gate_proj"], w["up_proj"], w["down_proj"])
+            return (h, k_cache, v_cache), None
+
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (h, k_cache, v_cache), _ = jax.lax.scan(
+            layer_step, (h, k_cache, v_cache), (layer_weights, layers))
+        last = h[jnp.arange(s), batch.last_index]  # (S, D): only the tokens we sample from
+        last = rms_norm(last, self.final_norm[...], cfg.rms_norm_eps)
+        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.dot(last, head, preferred_element_type=jnp.float32)
+        return logits, k_cache, v_cache

@@ -1,0 +1,157 @@
+"""Runs a scheduled batch on the device: pack arrays, call the jitted step, unpack.
+
+The step is one pure function of (weights, K cache, V cache, StepBatch,
+SamplingBatch[, LogitAdjust]); the caches are donated so XLA updates them in
+place. Every batch is padded to a bucket shape from the ``BucketPlan``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sgljax.engine.batch import LogitAdjust, SamplingBatch, StepBatch
+from sgljax.engine.buckets import BucketPlan
+from sgljax.engine.kv_cache import KVCacheSpec
+from sgljax.engine.model import Decoder
+from sgljax.engine.request import Sequence
+from sgljax.engine.sampling import sample
+from sgljax.engine.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    tokens: np.ndarray  # (S,) sampled token per sequence (ignore rows whose prefill is unfinished)
+    logprobs: np.ndarray  # (S,)
+    top_ids: np.ndarray  # (S, 20)
+    top_logprobs: np.ndarray  # (S, 20)
+
+
+def _step(graphdef, page_size, state, k_cache, v_cache, batch, sbatch, adjust):
+    model = nnx.merge(graphdef, state)
+    logits, k_cache, v_cache = model(batch, k_cache, v_cache, page_size)
+    return sample(logits, sbatch, adjust), k_cache, v_cache
+
+
+class ModelRunner:
+    def __init__(self, model: Decoder, mesh, kv_spec: KVCacheSpec, plan: BucketPlan):
+        self.mesh = mesh
+        self.kv_spec = kv_spec
+        self.plan = plan
+        self.page_size = kv_spec.page_size
+        self.vocab_size = model.cfg.vocab_size
+        graphdef, self.state = nnx.split(model)
+        self.k_cache, self.v_cache = kv_spec.allocate(mesh)
+        self._step = jax.jit(partial(_step, graphdef, self.page_size), donate_argnums=(1, 2))
+        self.seen_shapes: set[tuple] = set()
+        self.warmed_up = False
+        self.compiles_after_warmup = 0
+
+    # -- packing -------------------------------------------------------------
+    def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust | None]:
+        ps = self.page_size
+        max_pages = max(-(-(s.num_computed + n) // ps) for s, n in zip(sched.seqs, sched.chunk_lens))
+        S, Q, P = self.plan.shape_for(sched.is_prefill, len(sched.seqs), max(sched.chunk_lens),
+                                      max_pages)
+        tokens = np.zeros((S, Q), np.int32)
+        positions = np.zeros((S, Q), np.int32)
+        slots = np.zeros((S, Q), np.int32)  # padding writes into page 0, which nobody owns
+        page_table = np.zeros((S, P), np.int32)
+        kv_lens = np.ones((S,), np.int32)
+        last_index = np.zeros((S,), np.int32)
+        for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
+            start = seq.num_computed
+            pos = np.arange(start, start + n, dtype=np.int32)
+            pages = np.asarray(seq.pages, np.int32)
+            tokens[i, :n] = seq.all_ids[start:start + n]
+            positions[i, :n] = pos
+            slots[i, :n] = pages[pos // ps] * ps + pos % ps
+            page_table[i, :len(pages)] = pages
+            kv_lens[i] = start + n
+            last_index[i] = n - 1
+        batch = StepBatch(tokens, positions, slots, page_table, kv_lens, last_index)
+        return batch, self._sampling(sched.seqs, S), self._adjust(sched.seqs, S)
+
+    def _sampling(self, seqs: list[Sequence], S: int) -> SamplingBatch:
+        pad = S - len(seqs)
+        col = lambda f, dt: np.asarray([f(s.params) for s in seqs] + [0] * pad, dt)  # noqa: E731
+        return SamplingBatch(
+            temperature=col(lambda p: p.temperature, np.float32),
+            top_k=col(lambda p: max(p.top_k, 0), np.int32),
+            top_p=np.asarray([s.params.top_p for s in seqs] + [1.0] * pad, np.float32),
+            min_p=col(lambda p: p.min_p, np.float32),
+            seeds=col(lambda p: p.seed & 0xFFFFFFFF, np.uint32),
+            steps=np.asarray([len(s.output_ids) for s in seqs] + [0] * pad, np.int32),
+            all_greedy=np.asarray(all(s.params.temperature == 0 for s in seqs)),
+        )
+
+    def _adjust(self, seqs: list[Sequence], S: int) -> LogitAdjust | None:
+        def needed(p):
+            return (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+                    or p.logit_bias or p.min_tokens)
+
+        if not any(needed(s.params) for s in seqs):
+            return None
+        V = self.vocab_size
+        bias = np.zeros((S, V), np.float32)
+        seen = np.zeros((S, V), bool)
+        rep = np.ones((S,), np.float32)
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.presence_penalty or p.frequency_penalty:
+                ids, counts = np.unique(np.asarray(s.output_ids, np.int64), return_counts=True)
+                bias[i, ids] -= p.presence_penalty + p.frequency_penalty * counts
+            if p.repetition_penalty != 1:
+                seen[i, np.asarray(s.all_ids, np.int64)] = True
+                rep[i] = p.repetition_penalty
+            for tok, b in p.logit_bias.items():
+                bias[i, int(tok)] += b
+            if len(s.output_ids) < p.min_tokens:
+                bias[i, sorted(s.stop_ids)] = -np.inf
+        return LogitAdjust(bias, seen, rep)
+
+    # -- running -------------------------------------------------------------
+    def run(self, sched: ScheduledBatch) -> StepOutput:
+        batch, sbatch, adjust = self.pack(sched)
+        self._note_shape(batch, adjust)
+        with jax.set_mesh(self.mesh):
+            out, self.k_cache, self.v_cache = self._step(
+                self.state, self.k_cache, self.v_cache, batch, sbatch, adjust)
+        tokens, logprobs, top_ids, top_vals = jax.device_get(out)
+        return StepOutput(tokens, logprobs, top_ids, top_vals)
+
+    def _note_shape(self, batch: StepBatch, adjust) -> None:
+        key = (batch.tokens.shape, batch.page_table.shape, adjust is not None)
+        if key in self.seen_shapes:
+            return
+        self.seen_shapes.add(key)
+        if self.warmed_up:
+            self.compiles_after_warmup += 1
+            log.warning("compiling a new step shape after warmup: %s", key)
+
+    def warmup_shape(self, is_prefill: bool, S: int, Q: int, P: int, adjust: bool = False) -> float:
+        """Compile (or load from the persistent cache) one bucket; returns seconds."""
+        t0 = time.perf_counter()
+        z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        batch = StepBatch(z(S, Q), z(S, Q), z(S, Q), z(S, P), np.ones(S, np.int32), z(S))
+        sbatch = SamplingBatch(np.zeros(S, np.float32), z(S), np.ones(S, np.float32),
+                               np.zeros(S, np.float32), np.zeros(S, np.uint32), z(S),
+                               np.asarray(True))
+        adj = None
+        if adjust:
+            adj = LogitAdjust(np.zeros((S, self.vocab_size), np.float32),
+                              np.zeros((S, self.vocab_size), bool), np.ones(S, np.float32))
+        self._note_shape(batch, adj)
+        with jax.set_mesh(self.mesh):
+            out, self.k_cache, self.v_cache = self._step(
+                self.state, self.k_cache, self.v_cache, batch, sbatch, adj)
+        jax.block_until_ready(out)
+        return time.perf_counter() - t0

@@ -1,0 +1,164 @@
+"""Continuous batching: which sequences run in the next step, and with how many tokens.
+
+A step is either a prefill step (chunks of prompts, up to the chunked-prefill
+token budget) or a decode step (one token for every running sequence). When
+both kinds are pending they alternate, so a stream of new prompts never
+starves running decodes. When the KV pool runs dry the newest running
+sequence is preempted: its pages are released and it later resumes by
+recomputing its tokens, producing the same output.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from sgljax.engine.kv_cache import PagePool
+from sgljax.engine.prefix_cache import PrefixCache
+from sgljax.engine.request import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    chunk_lens: list[int]  # tokens computed for each sequence in this step
+    is_prefill: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.chunk_lens)
+
+
+@dataclass
+class SchedulerConfig:
+    page_size: int
+    max_running_requests: int
+    chunked_prefill_size: int
+    max_prefill_seqs: int
+    context_length: int
+    schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, pool: PagePool, prefix_cache: PrefixCache):
+        self.cfg = cfg
+        self.pool = pool
+        self.cache = prefix_cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._last_was_prefill = False
+
+    # -- bookkeeping -------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, rid: str) -> Sequence | None:
+        for seq in list(self.waiting):
+            if seq.rid == rid:
+                self.waiting.remove(seq)
+                self._free(seq, cache=False)
+                seq.finish("abort")
+                return seq
+        for seq in self.running:
+            if seq.rid == rid:
+                self.finish(seq, "abort")
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str, matched=None) -> None:
+        seq.finish(reason, matched)
+        if seq in self.running:
+            self.running.remove(seq)
+        self._free(seq, cache=reason != "abort")
+
+    def _free(self, seq: Sequence, cache: bool) -> None:
+        if cache and seq.pages:
+            self.cache.insert(seq.all_ids[: seq.num_computed], seq.pages)
+        self.pool.release(seq.pages)
+        seq.pages = []
+
+    # -- pages -------------------------------------------------------------
+    def _pages_needed(self, seq: Sequence, new_tokens: int) -> int:
+        total = seq.num_computed + new_tokens
+        return max(0, -(-total // self.cfg.page_size) - len(seq.pages))
+
+    def _grow(self, seq: Sequence, new_tokens: int) -> bool:
+        need = self._pages_needed(seq, new_tokens)
+        if need > self.pool.num_free:
+            self.cache.evict(need - self.pool.num_free)
+        if need > self.pool.num_free:
+            return False
+        seq.pages += self.pool.alloc(need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.pages)
+        seq.pages, seq.num_computed = [], 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # -- the decision --------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        decodes = [s for s in self.running if not s.is_prefilling]
+        want_prefill = bool(self.waiting) or any(s.is_prefilling for s in self.running)
+        if want_prefill and not (self._last_was_prefill and decodes):
+            batch = self._schedule_prefill()
+            if batch is not None:
+                self._last_was_prefill = True
+                return batch
+        self._last_was_prefill = False
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.cfg.chunked_prefill_size
+        seqs, chunks = [], []
+        # Sequences already part-way through their prompt go first.
+        for seq in self.running:
+            if seq.is_prefilling and budget > 0 and len(seqs) < self.cfg.max_prefill_seqs:
+                n = min(seq.num_uncomputed, budget)
+                if self._grow(seq, n):
+                    seqs.append(seq)
+                    chunks.append(n)
+                    budget -= n
+        if self.cfg.schedule_policy == "lpm" and len(self.waiting) > 1:
+            self.waiting = deque(sorted(self.waiting, key=lambda s: -self.cache.peek(s.all_ids)))
+        while (self.waiting and budget > 0 and len(seqs) < self.cfg.max_prefill_seqs
+               and len(self.running) < self.cfg.max_running_requests):
+            seq = self.waiting[0]
+            if not seq.pages:
+                seq.pages, seq.num_computed = self.cache.match(seq.all_ids)
+                seq.num_cached_prompt = max(seq.num_cached_prompt, seq.num_computed)
+            n = min(seq.num_uncomputed, budget)
+            if not self._grow(seq, n):
+                break  # wait for pages; a later step frees some
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            seqs.append(seq)
+            chunks.append(n)
+            budget -= n
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, chunks, is_prefill=True)
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        decodes = [s for s in self.running if not s.is_prefilling]
+        for seq in list(decodes):
+            if seq not in self.running:
+                continue  # preempted below to make room
+            while not self._grow(seq, 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim in decodes:
+                    decodes.remove(victim)
+                if victim is seq:
+                    break
+        decodes = [s for s in decodes if s in self.running]
+        if not decodes:
+            return None
+        return ScheduledBatch(decodes, [1] * len(decodes), is_prefill=False)

@@ -1,0 +1,209 @@
+"""Weights in, engine layout out: HF safetensors folders and GGUF files.
+
+The engine layout stacks each per-layer weight on a leading layer axis and
+stores linear weights as (in, out), so the forward pass is ``x @ w``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from sgljax.engine.config import ModelConfig
+
+# engine name → (HF per-layer name, transpose)
+LAYER_TENSORS = {
+    "input_norm": ("input_layernorm.weight", False),
+    "post_attn_norm": ("post_attention_layernorm.weight", False),
+    "q_proj": ("self_attn.q_proj.weight", True),
+    "k_proj": ("self_attn.k_proj.weight", True),
+    "v_proj": ("self_attn.v_proj.weight", True),
+    "o_proj": ("self_attn.o_proj.weight", True),
+    "q_bias": ("self_attn.q_proj.bias", False),
+    "k_bias": ("self_attn.k_proj.bias", False),
+    "v_bias": ("self_attn.v_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+    "gate_proj": ("mlp.gate_proj.weight", True),
+    "up_proj": ("mlp.up_proj.weight", True),
+    "down_proj": ("mlp.down_proj.weight", True),
+}
+KV_HEAD_TENSORS = {"k_proj", "v_proj", "k_bias", "v_bias"}
+
+
+class WeightsError(ValueError):
+    """The weights are missing, incomplete or do not fit the config."""
+
+
+def layer_tensor_names(cfg: ModelConfig) -> list[str]:
+    names = ["input_norm", "post_attn_norm", "q_proj", "k_proj", "v_proj", "o_proj",
+             "gate_proj", "up_proj", "down_proj"]
+    if cfg.qkv_bias:
+        names += ["q_bias", "k_bias", "v_bias"]
+    if cfg.qk_norm:
+        names += ["q_norm", "k_norm"]
+    return names
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name → shape, for every tensor the engine reads."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qd, kvd = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    per_layer = {
+        "input_norm": (d,), "post_attn_norm": (d,), "q_proj": (qd, d), "k_proj": (kvd, d),
+        "v_proj": (kvd, d), "o_proj": (d, qd), "q_bias": (qd,), "k_bias": (kvd,),
+        "v_bias": (kvd,), "q_norm": (hd,), "k_norm": (hd,), "gate_proj": (f, d),
+        "up_proj": (f, d), "down_proj": (d, f),
+    }
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.num_layers):
+        for name in layer_tensor_names(cfg):
+            shapes[f"model.layers.{i}.{LAYER_TENSORS[name][0]}"] = per_layer[name]
+    return shapes
+
+
+def replicate_kv_heads(w: np.ndarray, kv_heads: int, target: int, head_dim: int) -> np.ndarray:
+    """Repeat each KV head so ``target`` heads exist (TP wider than the KV heads)."""
+    if target == kv_heads:
+        return w
+    reps = target // kv_heads
+    lead = w.shape[:-1]
+    w = w.reshape(*lead, kv_heads, 1, head_dim)
+    return np.broadcast_to(w, (*lead, kv_heads, reps, head_dim)).reshape(*lead, target * head_dim)
+
+
+def engine_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], kv_heads: int,
+                   dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (engine path, array) one parameter at a time, from HF-named tensors."""
+    shapes = expected_shapes(cfg)
+
+    def fetch(name: str) -> np.ndarray:
+        arr = get(name)
+        if tuple(arr.shape) != shapes[name]:
+            raise WeightsError(f"{name}: shape {tuple(arr.shape)}, config expects {shapes[name]}")
+        return arr
+
+    yield "embed", fetch("model.embed_tokens.weight").astype(dtype)
+    for name in layer_tensor_names(cfg):
+        hf_name, transpose = LAYER_TENSORS[name]
+        stacked = []
+        for i in range(cfg.num_layers):
+            w = fetch(f"model.layers.{i}.{hf_name}").astype(dtype)
+            w = w.T if transpose else w
+            if name in KV_HEAD_TENSORS:
+                w = replicate_kv_heads(w, cfg.num_kv_heads, kv_heads, cfg.head_dim)
+            stacked.append(w)
+        yield f"layers.{name}", np.stack(stacked)
+    yield "final_norm", fetch("model.norm.weight").astype(dtype)
+    if not cfg.tie_word_embeddings:
+        yield "lm_head", np.ascontiguousarray(fetch("lm_head.weight").astype(dtype).T)
+
+
+# -- safetensors -------------------------------------------------------------
+
+def safetensors_getter(folder: Path) -> Callable[[str], np.ndarray]:
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder}: no *.safetensors weights")
+    where: dict[str, Path] = {}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        for f in files:
+            with safe_open(f, framework="numpy") as h:
+                where.update({k: f for k in h.keys()})
+
+    def get(name: str) -> np.ndarray:
+        if name not in where:
+            raise WeightsError(f"{folder}: tensor {name} is missing")
+        # "flax" reads bfloat16 too (numpy has no bfloat16 of its own).
+        with safe_open(where[name], framework="flax") as h:
+            return np.asarray(h.get_tensor(name))
+
+    return get
+
+
+# -- GGUF --------------------------------------------------------------------
+
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
+    "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
+    "attn_v": "self_attn.v_proj.weight", "attn_output": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias", "attn_q_norm": "self_attn.q_norm.weight",
+    "attn_k_norm": "self_attn.k_norm.weight", "ffn_gate": "mlp.gate_proj.weight",
+    "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight",
+}
+GGUF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _gguf_field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader) -> dict:
+    """An HF-style config.json dict from a GGUF file's metadata."""
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in GGUF_ARCH:
+        raise WeightsError(f"GGUF architecture {arch!r} is not supported")
+    g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
+    names = {t.name for t in reader.tensors}
+    heads = g("attention.head_count")
+    hidden = g("embedding_length")
+    vocab = g("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+    return {
+        "architectures": [GGUF_ARCH[arch]], "model_type": arch, "vocab_size": vocab,
+        "hidden_size": hidden, "intermediate_size": g("feed_forward_length"),
+        "num_hidden_layers": g("block_count"), "num_attention_heads": heads,
+        "num_key_value_heads": g("attention.head_count_kv", heads),
+        "head_dim": g("attention.key_length", hidden // heads),
+        "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": g("rope.freq_base", 10000.0),
+        "max_position_embeddings": g("context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp interleaves rotary halves of q/k rows; restore the HF order."""
+    d, d_in = w.shape
+    return w.reshape(n_head, d // n_head // 2, 2, d_in).swapaxes(1, 2).reshape(d, d_in)
+
+
+def gguf_getter(path: Path) -> tuple[dict, Callable[[str], np.ndarray]]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    config = gguf_config(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    hf_to_gguf = {"model.embed_tokens.weight": "token_embd.weight",
+                  "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    for i in range(config["num_hidden_layers"]):
+        for short, hf in GGUF_LAYER_NAMES.items():
+            suffix = "" if short.endswith(".bias") else ".weight"
+            hf_to_gguf[f"model.layers.{i}.{hf}"] = f"blk.{i}.{short}{suffix}"
+    permute_llama = config["model_type"] == "llama"
+
+    def get(name: str) -> np.ndarray:
+        t = tensors.get(hf_to_gguf.get(name, ""))
+        if t is None:
+            raise WeightsError(f"{path}: tensor {name} is missing")
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if permute_llama and name.endswith("q_proj.weight"):
+            w = _unpermute(w, config["num_attention_heads"])
+        elif permute_llama and name.endswith("k_proj.weight"):
+            w = _unpermute(w, config["num_key_value_heads"])
+        return w
+
+    return config, get
