@@ -6,9 +6,6 @@ from dataclasses import dataclass
 
 import psutil
 
-CPU_DEFAULTS = {"page_size": 16, "chunked_prefill_size": 512}
-
-
 @dataclass
 class EngineArgs:
     model_path: str | None = None  # None → the embedded SmolLM2-135M-Instruct
@@ -26,6 +23,8 @@ class EngineArgs:
     random_seed: int | None = None
     precompile_bs_paddings: list[int] | None = None
     precompile_token_paddings: list[int] | None = None
+    enable_compilation_cache: bool = True
+    compilation_cache_dir: str | None = None  # None → $JAX_COMPILATION_CACHE_DIR or ~/.cache/sgljax/jax-cache
 
     def resolve_num_pages(self, bytes_per_page: int, max_pages_per_seq: int) -> int:
         """Pages in the KV pool (page 0 is reserved as the padding sink)."""

@@ -40,8 +40,10 @@ class SamplingBatch:
 @jax.tree_util.register_dataclass
 @dataclass
 class LogitAdjust:
-    """Per-request logit processing, only sent when some request in the step asks for it."""
+    """Per-request logit processing; ``active`` is False (and the arrays zeros kept on the
+    device) when no request in the step asks for any, so the step skips it."""
 
+    active: jax.Array  # () bool
     bias: jax.Array  # (S, V) float32 additive: presence/frequency penalty, logit_bias, min_tokens
     seen: jax.Array  # (S, V) bool tokens the repetition penalty applies to
     repetition_penalty: jax.Array  # (S,) float32; 1 → off

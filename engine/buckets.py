@@ -32,35 +32,60 @@ class BucketPlan:
     decode_batch: tuple[int, ...]  # S for decode steps
     prefill_batch: tuple[int, ...]  # S for prefill steps
     prefill_tokens: tuple[int, ...]  # Q for prefill steps
-    pages: tuple[int, ...]  # P
+    pages: tuple[int, ...]  # P for decode steps
+    prefill_pages: tuple[int, ...]  # P for prefill steps: coarser, prefill is compute-bound
+    page_size: int = 16
 
     @classmethod
     def plan(cls, *, max_running: int, max_prefill_seqs: int, chunked_prefill_size: int,
-             max_pages_per_seq: int, bs_paddings: list[int] | None = None,
+             max_pages_per_seq: int, page_size: int, bs_paddings: list[int] | None = None,
              token_paddings: list[int] | None = None) -> "BucketPlan":
+        pages = powers_of_two(min(4, max_pages_per_seq), max_pages_per_seq)
         decode = sorted(set(bs_paddings)) if bs_paddings else powers_of_two(1, max_running)
+        if decode[-1] < max_running:
+            raise ValueError(f"--precompile-bs-paddings must reach --max-running-requests "
+                             f"({max_running}); the largest is {decode[-1]}")
         tokens = (sorted(set(token_paddings)) if token_paddings
                   else powers_of_two(min(32, chunked_prefill_size), chunked_prefill_size))
         return cls(
             decode_batch=tuple(decode),
             prefill_batch=tuple(powers_of_two(1, max_prefill_seqs)),
             prefill_tokens=tuple(tokens),
-            pages=tuple(powers_of_two(min(4, max_pages_per_seq), max_pages_per_seq)),
+            pages=tuple(pages),
+            prefill_pages=tuple(sorted(set(pages[::2]) | {pages[-1]})),
+            page_size=page_size,
         )
+
+    @property
+    def prefill_area(self) -> int:
+        """Largest S x Q of a prefill step: the chunked-prefill token budget."""
+        return max(self.prefill_tokens)
+
+    def prefill_fits(self, num_seqs: int, max_chunk: int) -> bool:
+        if num_seqs > max(self.prefill_batch) or max_chunk > max(self.prefill_tokens):
+            return False
+        S, Q = pick(list(self.prefill_batch), num_seqs), pick(list(self.prefill_tokens), max_chunk)
+        return S * Q <= self.prefill_area
 
     def shape_for(self, is_prefill: bool, num_seqs: int, max_tokens: int, max_pages: int):
         if is_prefill:
             return (pick(list(self.prefill_batch), num_seqs),
-                    pick(list(self.prefill_tokens), max_tokens), pick(list(self.pages), max_pages))
+                    pick(list(self.prefill_tokens), max_tokens),
+                    pick(list(self.prefill_pages), max_pages))
         return pick(list(self.decode_batch), num_seqs), 1, pick(list(self.pages), max_pages)
 
     def all_shapes(self) -> list[tuple[bool, int, int, int]]:
         shapes = [(False, s, 1, p) for s in self.decode_batch for p in self.pages]
+        # A chunk fills more than half its Q bucket (or Q is the smallest), so it needs
+        # at least that many tokens of pages: smaller P never occurs with that Q.
+        q_min = min(self.prefill_tokens)
         shapes += [(True, s, q, p) for s in self.prefill_batch for q in self.prefill_tokens
-                   for p in self.pages if s * q <= max(self.prefill_tokens) * 2]
+                   for p in self.prefill_pages if s * q <= self.prefill_area
+                   and (q == q_min or p * self.page_size * 2 >= q)]
         return shapes
 
     def describe(self) -> str:
         return (f"decode batch {list(self.decode_batch)}, prefill batch "
                 f"{list(self.prefill_batch)} x tokens {list(self.prefill_tokens)}, "
-                f"pages/seq {list(self.pages)} ({len(self.all_shapes())} shapes)")
+                f"pages/seq {list(self.pages)} (prefill {list(self.prefill_pages)}); "
+                f"{len(self.all_shapes())} shapes")

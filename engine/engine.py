@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from sgljax.engine.args import EngineArgs
 from sgljax.engine.buckets import BucketPlan
+from sgljax.engine.compile_cache import enable_persistent_cache, watch_compilations
 from sgljax.engine.kv_cache import KVCacheSpec, PagePool
 from sgljax.engine.loader import load_model
 from sgljax.engine.mesh import make_mesh
@@ -50,6 +51,9 @@ class RequestOutput:
 class Engine:
     def __init__(self, args: EngineArgs | None = None, **kwargs):
         self.args = args = args or EngineArgs(**kwargs)
+        if args.enable_compilation_cache:
+            enable_persistent_cache(args.compilation_cache_dir)
+        self.compile_stats = watch_compilations()
         self.mesh = make_mesh(args.tp_size)
         loaded = load_model(args.model_path, self.mesh, args.dtype)
         self.model_config = cfg = loaded.config
@@ -67,15 +71,15 @@ class Engine:
         self.pool = PagePool(kv_spec.num_pages)
         self.prefix_cache = (NoPrefixCache() if args.disable_radix_cache
                              else RadixPrefixCache(self.pool, ps))
-        self.scheduler = Scheduler(SchedulerConfig(
-            page_size=ps, max_running_requests=args.max_running_requests,
-            chunked_prefill_size=args.chunked_prefill_size,
-            max_prefill_seqs=args.max_prefill_seqs, context_length=self.context_length,
-            schedule_policy=args.schedule_policy), self.pool, self.prefix_cache)
         self.plan = BucketPlan.plan(
             max_running=args.max_running_requests, max_prefill_seqs=args.max_prefill_seqs,
             chunked_prefill_size=args.chunked_prefill_size, max_pages_per_seq=max_pages_per_seq,
-            bs_paddings=args.precompile_bs_paddings, token_paddings=args.precompile_token_paddings)
+            page_size=ps, bs_paddings=args.precompile_bs_paddings,
+            token_paddings=args.precompile_token_paddings)
+        self.scheduler = Scheduler(SchedulerConfig(
+            page_size=ps, max_running_requests=args.max_running_requests,
+            chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
+            schedule_policy=args.schedule_policy), self.pool, self.prefix_cache, self.plan)
         self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._rng = random.Random(args.random_seed)
@@ -176,11 +180,22 @@ class Engine:
                 for s in seqs]
 
     def warmup(self, progress=None) -> int:
-        """Compile every bucket shape; returns how many."""
+        """Compile (or load from the persistent cache) every bucket shape; returns how many.
+
+        ``progress(done, total, shape)`` is called after each one.
+        """
         shapes = self.plan.all_shapes()
-        for n, (is_prefill, S, Q, P) in enumerate(shapes):
-            self.runner.warmup_shape(is_prefill, S, Q, P)
+        for n, (_, S, Q, P) in enumerate(shapes):
+            self.runner.warmup_shape(S, Q, P)
             if progress:
-                progress(n + 1, len(shapes))
+                progress(n + 1, len(shapes), (S, Q, P))
         self.runner.warmed_up = True
+        self.compile_stats.warm = True
+        self._compiles_at_warmup = self.compile_stats.compiles
         return len(shapes)
+
+    def compiles_since_warmup(self) -> int:
+        """Executables built since ``warmup`` finished (0 when serving is healthy)."""
+        if not self.runner.warmed_up:
+            return 0
+        return self.compile_stats.compiles - self._compiles_at_warmup

@@ -15,6 +15,7 @@ from functools import partial
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgljax.engine.batch import LogitAdjust, SamplingBatch, StepBatch
 from sgljax.engine.buckets import BucketPlan
@@ -51,12 +52,13 @@ class ModelRunner:
         graphdef, self.state = nnx.split(model)
         self.k_cache, self.v_cache = kv_spec.allocate(mesh)
         self._step = jax.jit(partial(_step, graphdef, self.page_size), donate_argnums=(1, 2))
+        self._zero_adjust: dict[int, LogitAdjust] = {}
         self.seen_shapes: set[tuple] = set()
         self.warmed_up = False
         self.compiles_after_warmup = 0
 
     # -- packing -------------------------------------------------------------
-    def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust | None]:
+    def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust]:
         ps = self.page_size
         max_pages = max(-(-(s.num_computed + n) // ps) for s, n in zip(sched.seqs, sched.chunk_lens))
         S, Q, P = self.plan.shape_for(sched.is_prefill, len(sched.seqs), max(sched.chunk_lens),
@@ -93,13 +95,25 @@ class ModelRunner:
             all_greedy=np.asarray(all(s.params.temperature == 0 for s in seqs)),
         )
 
-    def _adjust(self, seqs: list[Sequence], S: int) -> LogitAdjust | None:
+    def _inactive_adjust(self, S: int) -> LogitAdjust:
+        if S not in self._zero_adjust:
+            V = self.vocab_size
+            self._zero_adjust[S] = self._replicated(LogitAdjust(
+                np.asarray(False), np.zeros((S, V), np.float32), np.zeros((S, V), bool),
+                np.ones((S,), np.float32)))
+        return self._zero_adjust[S]
+
+    def _replicated(self, tree):
+        # Same placement whether zeros or real: the step's cache key must not change.
+        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+    def _adjust(self, seqs: list[Sequence], S: int) -> LogitAdjust:
         def needed(p):
             return (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
                     or p.logit_bias or p.min_tokens)
 
         if not any(needed(s.params) for s in seqs):
-            return None
+            return self._inactive_adjust(S)
         V = self.vocab_size
         bias = np.zeros((S, V), np.float32)
         seen = np.zeros((S, V), bool)
@@ -116,20 +130,20 @@ class ModelRunner:
                 bias[i, int(tok)] += b
             if len(s.output_ids) < p.min_tokens:
                 bias[i, sorted(s.stop_ids)] = -np.inf
-        return LogitAdjust(bias, seen, rep)
+        return self._replicated(LogitAdjust(np.asarray(True), bias, seen, rep))
 
     # -- running -------------------------------------------------------------
     def run(self, sched: ScheduledBatch) -> StepOutput:
         batch, sbatch, adjust = self.pack(sched)
-        self._note_shape(batch, adjust)
+        self._note_shape(batch)
         with jax.set_mesh(self.mesh):
             out, self.k_cache, self.v_cache = self._step(
                 self.state, self.k_cache, self.v_cache, batch, sbatch, adjust)
         tokens, logprobs, top_ids, top_vals = jax.device_get(out)
         return StepOutput(tokens, logprobs, top_ids, top_vals)
 
-    def _note_shape(self, batch: StepBatch, adjust) -> None:
-        key = (batch.tokens.shape, batch.page_table.shape, adjust is not None)
+    def _note_shape(self, batch: StepBatch) -> None:
+        key = (batch.tokens.shape, batch.page_table.shape)
         if key in self.seen_shapes:
             return
         self.seen_shapes.add(key)
@@ -137,7 +151,7 @@ class ModelRunner:
             self.compiles_after_warmup += 1
             log.warning("compiling a new step shape after warmup: %s", key)
 
-    def warmup_shape(self, is_prefill: bool, S: int, Q: int, P: int, adjust: bool = False) -> float:
+    def warmup_shape(self, S: int, Q: int, P: int) -> float:
         """Compile (or load from the persistent cache) one bucket; returns seconds."""
         t0 = time.perf_counter()
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
@@ -145,11 +159,8 @@ class ModelRunner:
         sbatch = SamplingBatch(np.zeros(S, np.float32), z(S), np.ones(S, np.float32),
                                np.zeros(S, np.float32), np.zeros(S, np.uint32), z(S),
                                np.asarray(True))
-        adj = None
-        if adjust:
-            adj = LogitAdjust(np.zeros((S, self.vocab_size), np.float32),
-                              np.zeros((S, self.vocab_size), bool), np.ones(S, np.float32))
-        self._note_shape(batch, adj)
+        adj = self._inactive_adjust(S)
+        self._note_shape(batch)
         with jax.set_mesh(self.mesh):
             out, self.k_cache, self.v_cache = self._step(
                 self.state, self.k_cache, self.v_cache, batch, sbatch, adj)

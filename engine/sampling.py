@@ -97,15 +97,15 @@ def adjust_logits(logits: jax.Array, adjust: LogitAdjust) -> jax.Array:
     return logits + adjust.bias
 
 
-def sample(logits: jax.Array, sb: SamplingBatch, adjust: LogitAdjust | None = None):
+def sample(logits: jax.Array, sb: SamplingBatch, adjust: LogitAdjust):
     """logits (S, V) float32 → tokens (S,), their logprobs (S,), top-20 (ids, logprobs).
 
-    ``adjust``, when given, applies repetition penalty and an additive bias
+    ``adjust``, when active, applies repetition penalty and an additive bias
     (presence/frequency penalties, logit_bias and min_tokens, folded in by the
     host) before choosing. Logprobs are the model's own (before temperature and
     penalties), as OpenAI servers report them.
     """
-    adjusted = logits if adjust is None else adjust_logits(logits, adjust)
+    adjusted = jax.lax.cond(adjust.active, adjust_logits, lambda x, _: x, logits, adjust)
     tokens = jax.lax.cond(
         sb.all_greedy,
         lambda: jnp.argmax(adjusted, axis=-1),

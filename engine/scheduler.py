@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.kv_cache import PagePool
 from sgljax.engine.prefix_cache import PrefixCache
 from sgljax.engine.request import Sequence, Status
@@ -34,14 +35,15 @@ class SchedulerConfig:
     page_size: int
     max_running_requests: int
     chunked_prefill_size: int
-    max_prefill_seqs: int
     context_length: int
     schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, pool: PagePool, prefix_cache: PrefixCache):
+    def __init__(self, cfg: SchedulerConfig, pool: PagePool, prefix_cache: PrefixCache,
+                 plan: BucketPlan):
         self.cfg = cfg
+        self.plan = plan
         self.pool = pool
         self.cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
@@ -115,26 +117,26 @@ class Scheduler:
         return self._schedule_decode()
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
-        budget = self.cfg.chunked_prefill_size
+        budget = min(self.cfg.chunked_prefill_size, self.plan.prefill_area)
         seqs, chunks = [], []
         # Sequences already part-way through their prompt go first.
         for seq in self.running:
-            if seq.is_prefilling and budget > 0 and len(seqs) < self.cfg.max_prefill_seqs:
+            if seq.is_prefilling and budget > 0:
                 n = min(seq.num_uncomputed, budget)
-                if self._grow(seq, n):
+                if self._fits(chunks, n) and self._grow(seq, n):
                     seqs.append(seq)
                     chunks.append(n)
                     budget -= n
         if self.cfg.schedule_policy == "lpm" and len(self.waiting) > 1:
             self.waiting = deque(sorted(self.waiting, key=lambda s: -self.cache.peek(s.all_ids)))
-        while (self.waiting and budget > 0 and len(seqs) < self.cfg.max_prefill_seqs
+        while (self.waiting and budget > 0
                and len(self.running) < self.cfg.max_running_requests):
             seq = self.waiting[0]
             if not seq.pages:
                 seq.pages, seq.num_computed = self.cache.match(seq.all_ids)
                 seq.num_cached_prompt = max(seq.num_cached_prompt, seq.num_computed)
             n = min(seq.num_uncomputed, budget)
-            if not self._grow(seq, n):
+            if not self._fits(chunks, n) or not self._grow(seq, n):
                 break  # wait for pages; a later step frees some
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -145,6 +147,10 @@ class Scheduler:
         if not seqs:
             return None
         return ScheduledBatch(seqs, chunks, is_prefill=True)
+
+    def _fits(self, chunks: list[int], n: int) -> bool:
+        """Would one more chunk of ``n`` tokens keep the step in a precompiled shape?"""
+        return self.plan.prefill_fits(len(chunks) + 1, max(chunks + [n]))
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         decodes = [s for s in self.running if not s.is_prefilling]

@@ -1,0 +1,58 @@
+"""Engine flags shared by ``serve``, ``warmup`` and ``up local`` (SGLang names).
+
+Each command declares ``**ENGINE_OPTIONS``-style parameters through these
+aliases, and ``engine_args(locals())`` turns them into ``EngineArgs``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from sgljax.engine.args import EngineArgs
+
+
+def _int_list(value: Optional[str]) -> Optional[list[int]]:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.replace(",", " ").split()]
+    except ValueError:
+        raise typer.BadParameter("expected integers separated by commas") from None
+
+
+ModelPath = Annotated[Optional[str], typer.Option(
+    "--model-path", "-m", help="HF folder, .gguf file, or converted checkpoint (default: SmolLM2-135M-Instruct).")]
+Dtype = Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")]
+TpSize = Annotated[int, typer.Option("--tp-size", help="Tensor-parallel devices.")]
+PageSize = Annotated[int, typer.Option("--page-size", help="Tokens per KV page.")]
+MaxRunning = Annotated[int, typer.Option("--max-running-requests")]
+ChunkedPrefill = Annotated[int, typer.Option("--chunked-prefill-size", "--max-prefill-tokens",
+                                             help="Token budget of one prefill step.")]
+ContextLength = Annotated[int, typer.Option("--context-length")]
+MaxTotalTokens = Annotated[Optional[int], typer.Option("--max-total-tokens",
+                                                       help="KV pool size in tokens.")]
+MemFraction = Annotated[float, typer.Option("--mem-fraction-static",
+                                            help="Share of free memory for the KV pool.")]
+DisableRadix = Annotated[bool, typer.Option("--disable-radix-cache")]
+SchedulePolicy = Annotated[str, typer.Option("--schedule-policy", help="fcfs or lpm.")]
+RandomSeed = Annotated[Optional[int], typer.Option("--random-seed")]
+BsPaddings = Annotated[Optional[str], typer.Option("--precompile-bs-paddings",
+                                                   help="Decode batch buckets, e.g. 1,4,16,64.")]
+TokenPaddings = Annotated[Optional[str], typer.Option("--precompile-token-paddings",
+                                                      help="Prefill token buckets, e.g. 64,256,512.")]
+CacheDir = Annotated[Optional[str], typer.Option(
+    "--compilation-cache-dir", help="Persistent compilation cache (default ~/.cache/sgljax/jax-cache).")]
+
+ENGINE_DEFAULTS = EngineArgs()
+
+
+def engine_args(opts: dict) -> EngineArgs:
+    """EngineArgs from a command's local variables (names as in EngineArgs)."""
+    fields = EngineArgs.__dataclass_fields__
+    kw = {k: v for k, v in opts.items() if k in fields}
+    for k in ("precompile_bs_paddings", "precompile_token_paddings"):
+        if isinstance(kw.get(k), str):
+            kw[k] = _int_list(kw[k])
+    return EngineArgs(**kw)

@@ -1,0 +1,69 @@
+"""``sgljax warmup``: compile every bucket into the persistent compilation cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sgljax.cli import engine_options as eo
+from sgljax.cli.errors import user_errors
+
+D = eo.ENGINE_DEFAULTS
+
+
+def warm_engine(engine, quiet: bool = False) -> dict:
+    """Warm ``engine`` with a progress bar; returns the figures that prove it."""
+    stats = engine.compile_stats
+    misses0, hits0, t0 = stats.cache_misses, stats.cache_hits, time.perf_counter()
+    columns = (TextColumn("warmup"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, disable=quiet, transient=False) as bar:
+        task = bar.add_task("", total=len(engine.plan.all_shapes()))
+
+        def step(done, total, shape):
+            bar.update(task, completed=done, description=f"S,Q,P={shape}")
+
+        n = engine.warmup(step)
+    return {"buckets": n, "seconds": round(time.perf_counter() - t0, 2),
+            "compiled": stats.cache_misses - misses0, "from_cache": stats.cache_hits - hits0}
+
+
+def warmup(
+    model: Optional[str] = typer.Argument(None, help="Model path (same as --model-path)."),
+    model_path: eo.ModelPath = None,
+    dtype: eo.Dtype = D.dtype,
+    tp_size: eo.TpSize = D.tp_size,
+    page_size: eo.PageSize = D.page_size,
+    max_running_requests: eo.MaxRunning = D.max_running_requests,
+    chunked_prefill_size: eo.ChunkedPrefill = D.chunked_prefill_size,
+    context_length: eo.ContextLength = D.context_length,
+    max_total_tokens: eo.MaxTotalTokens = None,
+    mem_fraction_static: eo.MemFraction = D.mem_fraction_static,
+    precompile_bs_paddings: eo.BsPaddings = None,
+    precompile_token_paddings: eo.TokenPaddings = None,
+    compilation_cache_dir: eo.CacheDir = None,
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
+) -> None:
+    """Compile every shape bucket the server will use, into the persistent cache."""
+    with user_errors():
+        from sgljax.engine.engine import Engine
+
+        model_path = model_path or model
+        args = eo.engine_args(locals())
+        engine = Engine(args)
+        if not as_json:
+            typer.echo(f"buckets: {engine.plan.describe()}")
+        figures = warm_engine(engine, quiet=as_json)
+        if as_json:
+            typer.echo(json.dumps(figures))
+        else:
+            typer.echo(f"warmed {figures['buckets']} buckets in {figures['seconds']} s "
+                       f"({figures['compiled']} compiled, {figures['from_cache']} from the cache)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("warmup")(warmup)
