@@ -153,6 +153,9 @@ def result_table(config: dict, m: dict):
         ("Peak concurrent requests", _fmt(m["peak_concurrent_requests"])),
         ("Total token throughput (tok/s)", _fmt(m["total_throughput"])),
         ("Concurrency", _fmt(m["concurrency"])),
+        ("Output length check", "not checked (EOS allowed)" if m["output_len_mismatches"] is None
+         else "ok" if m["output_len_mismatches"] == 0
+         else f"{m['output_len_mismatches']} requests short/long"),
         ("Cached-token hit rate", "n/a" if m["cache_hit_rate"] is None
          else f"{m['cache_hit_rate']:.1%}"),
     ]
