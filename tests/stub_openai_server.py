@@ -32,6 +32,8 @@ class StubState:
     bodies: list = field(default_factory=list)
     prompts_seen: list = field(default_factory=list)
     prompt_token_counts: list = field(default_factory=list)
+    arrivals: list = field(default_factory=list)  # perf_counter when each request came in
+    auth_headers: list = field(default_factory=list)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -60,6 +62,8 @@ def make_app(state: StubState) -> FastAPI:
         return {"model_path": state.tokenizer_path}
 
     async def answer(request: Request, chat: bool):
+        state.arrivals.append(time.perf_counter())
+        state.auth_headers.append(request.headers.get("authorization"))
         body = await request.json()
         state.bodies.append(body)
         if chat:

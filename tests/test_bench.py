@@ -37,6 +37,8 @@ def server(stub):
     s.bodies.clear()
     s.prompts_seen.clear()
     s.prompt_token_counts.clear()
+    s.arrivals.clear()
+    s.auth_headers.clear()
     return stub
 
 
@@ -143,6 +145,45 @@ def test_random_ids_chat_and_non_streaming(server, tmp_path):
     assert server.state.bodies[-1]["stream"] is False
     assert m["total_output_tokens"] == 9 and m["median_ttft_ms"] is None
     assert m["median_e2e_latency_ms"] / 1000 >= TTFT + 2 * ITL - 0.005
+
+
+def test_sharegpt_prompts_and_reply_lengths(server, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir()))
+    convs = [{"conversations": [{"from": "human", "value": f"Question number {i}: why is the sky blue?"},
+                                {"from": "gpt", "value": "Because of Rayleigh scattering. " * (i + 1)}]}
+             for i in range(5)]
+    convs.append({"conversations": [{"from": "human", "value": "hi"}]})  # no reply: skipped
+    data = tmp_path / "sg.json"
+    data.write_text(json.dumps(convs))
+    res = run_bench(server, "--dataset", "sharegpt", "--dataset-path", str(data),
+                    "--num-prompts", "4", "--warmup-requests", "1")
+    assert res.exit_code == 0, res.output
+    asked = {b["prompt"]: b["max_tokens"] for b in server.state.bodies}
+    replies = {c["conversations"][0]["value"]: c["conversations"][1]["value"] for c in convs[:5]}
+    assert len(asked) == 5 and set(asked) <= set(replies)
+    for prompt, max_tokens in asked.items():
+        assert max_tokens == len(tok.encode(replies[prompt], add_special_tokens=False))
+    res = run_bench(server, "--dataset", "sharegpt", "--dataset-path", str(data),
+                    "--num-prompts", "6")
+    assert res.exit_code == 1 and "only 5 usable conversations" in res.stderr
+
+
+def test_poisson_arrivals_follow_the_request_rate(server, tmp_path):
+    import random
+
+    rate, n = 8.0, 6
+    res = run_bench(server, "--num-prompts", str(n), "--request-rate", str(rate),
+                    "--random-input-len", "8", "--random-output-len", "2",
+                    "--warmup-requests", "0", "--api-key", "sekret")
+    assert res.exit_code == 0, res.output
+    rng = random.Random(3)  # run_bench's --seed
+    expected = [rng.expovariate(rate) for _ in range(n - 1)]
+    got = [b - a for a, b in zip(server.state.arrivals, server.state.arrivals[1:])]
+    assert sum(got) == pytest.approx(sum(expected), abs=0.1)
+    assert all(g >= e - 0.03 for g, e in zip(got, expected))
+    assert set(server.state.auth_headers) == {"Bearer sekret"}
 
 
 def test_warns_when_the_server_stops_early(server, tmp_path):
