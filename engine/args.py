@@ -23,6 +23,9 @@ class EngineArgs:
     random_seed: int | None = None
     precompile_bs_paddings: list[int] | None = None
     precompile_token_paddings: list[int] | None = None
+    nnodes: int = 1  # hosts; each runs the same program over the global mesh
+    node_rank: int = 0  # 0 schedules and serves HTTP; others follow
+    dist_init_addr: str | None = None  # HOST:PORT of rank 0's JAX coordinator
     enable_compilation_cache: bool = True
     compilation_cache_dir: str | None = None  # None → $JAX_COMPILATION_CACHE_DIR or ~/.cache/sgljax/jax-cache
 

@@ -17,7 +17,8 @@ from sgljax.engine.compile_cache import enable_persistent_cache, watch_compilati
 from sgljax.engine.kv_cache import KVCacheSpec, PagePool
 from sgljax.engine.loader import load_model
 from sgljax.engine.mesh import make_mesh
-from sgljax.engine.model_runner import ModelRunner
+from sgljax.engine.distributed import Follower, Leader, channel_address, init_distributed
+from sgljax.engine.model_runner import ModelRunner, unflatten_step
 from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import SamplingParams
@@ -54,6 +55,11 @@ class Engine:
         if args.enable_compilation_cache:
             enable_persistent_cache(args.compilation_cache_dir)
         self.compile_stats = watch_compilations()
+        self.healthy = True
+        if args.nnodes > 1:
+            if not args.dist_init_addr:
+                raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+            init_distributed(args.dist_init_addr, args.nnodes, args.node_rank)
         self.mesh = make_mesh(args.tp_size)
         loaded = load_model(args.model_path, self.mesh, args.dtype)
         self.model_config = cfg = loaded.config
@@ -81,10 +87,42 @@ class Engine:
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
             schedule_policy=args.schedule_policy), self.pool, self.prefix_cache, self.plan)
         self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan)
+        self._leader = self._follower = None
+        if args.nnodes > 1:
+            addr = channel_address(args.dist_init_addr)
+            if args.node_rank == 0:
+                self._leader = Leader(addr, args.nnodes, on_lost=self._mark_unhealthy)
+                self.runner.broadcast = lambda flat: self._leader.send("step", flat)
+            else:
+                self._follower = Follower(addr, args.node_rank)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._rng = random.Random(args.random_seed)
         log.info("KV pool: %d pages of %d tokens; buckets: %s", kv_spec.num_pages, ps,
                  self.plan.describe())
+
+    # -- multi-host --------------------------------------------------------------
+    @property
+    def is_follower(self) -> bool:
+        return self._follower is not None
+
+    def _mark_unhealthy(self, rank: int) -> None:
+        self.healthy = False
+
+    def follow(self) -> None:
+        """A follower's whole life: run every step rank 0 sends, until it says stop."""
+        while True:
+            kind, arrays = self._follower.recv()
+            if kind == "shutdown":
+                return
+            if kind == "warm":
+                self.runner.warmed_up = True
+                continue
+            self.runner.execute(*unflatten_step(arrays))
+
+    def shutdown(self) -> None:
+        """Release the followers (rank 0); a no-op on one host."""
+        if self._leader is not None:
+            self._leader.send("shutdown")
 
     # -- requests ------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -191,6 +229,8 @@ class Engine:
                 progress(n + 1, len(shapes), (S, Q, P))
         self.runner.warmed_up = True
         self.compile_stats.warm = True
+        if self._leader is not None:
+            self._leader.send("warm")
         self._compiles_at_warmup = self.compile_stats.compiles
         return len(shapes)
 

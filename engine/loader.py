@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgljax.engine.config import ModelConfig, ModelConfigError, rope_inv_freq
+from sgljax.engine.mesh import global_array
 from sgljax.engine.model import Decoder
 from sgljax.engine.weights import WeightsError, engine_tensors, gguf_getter, safetensors_getter
 
@@ -137,9 +138,9 @@ def load_model(model_path: str | None, mesh, dtype: str = "float32") -> LoadedMo
     for name, array in engine_tensors(cfg, get, kv_heads, np_dtype):
         var = flat[tuple(name.split("."))]
         sharding = var.get_value().sharding
-        var.set_value(jax.device_put(array, NamedSharding(mesh, sharding.spec)))
+        var.set_value(global_array(array, NamedSharding(mesh, sharding.spec)))
     inv = flat[("inv_freq",)]
-    inv.set_value(jnp.asarray(rope_inv_freq(cfg)))
+    inv.set_value(global_array(rope_inv_freq(cfg), NamedSharding(mesh, P())))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     return LoadedModel(path, cfg, model)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import AxisType
 
 
@@ -17,3 +18,11 @@ def make_mesh(tp_size: int = 1, devices=None):
     # Auto axes: XLA places the collectives of row-parallel matmuls itself.
     return jax.make_mesh((tp_size,), ("tp",), axis_types=(AxisType.Auto,),
                          devices=devices[:tp_size])
+
+
+def global_array(value: np.ndarray, sharding) -> jax.Array:
+    """Place a host array that every process holds in full onto a (possibly global) sharding.
+
+    Each process supplies only its own shards, so this works on one host and many.
+    """
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sgljax.engine.batch import LogitAdjust, SamplingBatch, StepBatch
 from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.kv_cache import KVCacheSpec
+from sgljax.engine.mesh import global_array
 from sgljax.engine.model import Decoder
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
@@ -51,14 +52,18 @@ class ModelRunner:
         self.vocab_size = model.cfg.vocab_size
         graphdef, self.state = nnx.split(model)
         self.k_cache, self.v_cache = kv_spec.allocate(mesh)
-        self._step = jax.jit(partial(_step, graphdef, self.page_size), donate_argnums=(1, 2))
+        replicated = NamedSharding(mesh, P())
+        kv_sharding = self.k_cache.sharding
+        self._step = jax.jit(partial(_step, graphdef, self.page_size), donate_argnums=(1, 2),
+                             out_shardings=((replicated,) * 4, kv_sharding, kv_sharding))
+        self.broadcast = None  # set on multi-host rank 0: sends each step to the followers
         self._zero_adjust: dict[int, LogitAdjust] = {}
         self.seen_shapes: set[tuple] = set()
         self.warmed_up = False
         self.compiles_after_warmup = 0
 
     # -- packing -------------------------------------------------------------
-    def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust]:
+    def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust | None]:
         ps = self.page_size
         max_pages = max(-(-(s.num_computed + n) // ps) for s, n in zip(sched.seqs, sched.chunk_lens))
         S, Q, P = self.plan.shape_for(sched.is_prefill, len(sched.seqs), max(sched.chunk_lens),
@@ -105,15 +110,16 @@ class ModelRunner:
 
     def _replicated(self, tree):
         # Same placement whether zeros or real: the step's cache key must not change.
-        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: global_array(np.asarray(x), sharding), tree)
 
-    def _adjust(self, seqs: list[Sequence], S: int) -> LogitAdjust:
+    def _adjust(self, seqs: list[Sequence], S: int) -> LogitAdjust | None:
         def needed(p):
             return (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
                     or p.logit_bias or p.min_tokens)
 
         if not any(needed(s.params) for s in seqs):
-            return self._inactive_adjust(S)
+            return None  # the step uses the zeros kept on the device
         V = self.vocab_size
         bias = np.zeros((S, V), np.float32)
         seen = np.zeros((S, V), bool)
@@ -130,16 +136,24 @@ class ModelRunner:
                 bias[i, int(tok)] += b
             if len(s.output_ids) < p.min_tokens:
                 bias[i, sorted(s.stop_ids)] = -np.inf
-        return self._replicated(LogitAdjust(np.asarray(True), bias, seen, rep))
+        return LogitAdjust(np.asarray(True), bias, seen, rep)
 
     # -- running -------------------------------------------------------------
     def run(self, sched: ScheduledBatch) -> StepOutput:
-        batch, sbatch, adjust = self.pack(sched)
+        return self.execute(*self.pack(sched))
+
+    def execute(self, batch: StepBatch, sbatch: SamplingBatch,
+                adjust: LogitAdjust | None) -> StepOutput:
+        """Run one packed step. On multi-host rank 0, first send it to the other ranks."""
+        if self.broadcast is not None:
+            self.broadcast(flatten_step(batch, sbatch, adjust))
         self._note_shape(batch)
+        S = batch.tokens.shape[0]
+        adj = self._inactive_adjust(S) if adjust is None else self._replicated(adjust)
         with jax.set_mesh(self.mesh):
             out, self.k_cache, self.v_cache = self._step(
-                self.state, self.k_cache, self.v_cache, batch, sbatch, adjust)
-        tokens, logprobs, top_ids, top_vals = jax.device_get(out)
+                self.state, self.k_cache, self.v_cache, batch, sbatch, adj)
+        tokens, logprobs, top_ids, top_vals = (to_host(x) for x in out)
         return StepOutput(tokens, logprobs, top_ids, top_vals)
 
     def _note_shape(self, batch: StepBatch) -> None:
@@ -159,10 +173,27 @@ class ModelRunner:
         sbatch = SamplingBatch(np.zeros(S, np.float32), z(S), np.ones(S, np.float32),
                                np.zeros(S, np.float32), np.zeros(S, np.uint32), z(S),
                                np.asarray(True))
-        adj = self._inactive_adjust(S)
-        self._note_shape(batch)
-        with jax.set_mesh(self.mesh):
-            out, self.k_cache, self.v_cache = self._step(
-                self.state, self.k_cache, self.v_cache, batch, sbatch, adj)
-        jax.block_until_ready(out)
+        self.execute(batch, sbatch, None)
         return time.perf_counter() - t0
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A replicated step output as numpy (this host's copy; works on every rank)."""
+    return np.asarray(x.addressable_data(0))
+
+
+def flatten_step(batch: StepBatch, sbatch: SamplingBatch,
+                 adjust: LogitAdjust | None) -> dict[str, np.ndarray]:
+    """The step as named numpy arrays, to send to other hosts."""
+    flat = {f"b.{k}": np.asarray(v) for k, v in vars(batch).items()}
+    flat.update({f"s.{k}": np.asarray(v) for k, v in vars(sbatch).items()})
+    if adjust is not None:
+        flat.update({f"a.{k}": np.asarray(v) for k, v in vars(adjust).items()})
+    return flat
+
+
+def unflatten_step(flat: dict[str, np.ndarray]):
+    part = lambda p: {k[2:]: v for k, v in flat.items() if k.startswith(p)}  # noqa: E731
+    adjust = part("a.")
+    return (StepBatch(**part("b.")), SamplingBatch(**part("s.")),
+            LogitAdjust(**adjust) if adjust else None)

@@ -1,0 +1,175 @@
+"""Multi-host (multi-controller) execution: every host runs the same step in lockstep.
+
+Rank 0 schedules. Before each device step it sends the step's packed arrays
+to the other ranks over a plain TCP connection (a few KB of raw bytes, no
+pickling), and every rank then calls the same jitted step on its shards.
+The same connections carry heartbeats both ways: a rank that dies or stops
+answering is noticed within ``LOST_AFTER_S`` and the survivors exit non-zero
+naming it, instead of hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+LOST_AFTER_S = 10.0
+_LEN = struct.Struct("!I")
+
+
+class LostRank(RuntimeError):
+    pass
+
+
+def init_distributed(dist_init_addr: str, nnodes: int, node_rank: int,
+                     timeout_s: int = 120) -> None:
+    """``jax.distributed.initialize`` with bounded waiting for the other hosts."""
+    import jax
+
+    jax.distributed.initialize(coordinator_address=dist_init_addr, num_processes=nnodes,
+                               process_id=node_rank, initialization_timeout=timeout_s)
+
+
+def channel_address(dist_init_addr: str) -> tuple[str, int]:
+    """The step channel listens one port above the JAX coordinator."""
+    host, port = dist_init_addr.rsplit(":", 1)
+    return host, int(port) + 1
+
+
+def _send_msg(sock: socket.socket, kind: str, arrays: dict[str, np.ndarray] | None = None) -> None:
+    arrays = arrays or {}
+    meta = [[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]
+    header = json.dumps({"kind": kind, "arrays": meta}).encode()
+    payload = b"".join(np.ascontiguousarray(v).tobytes() for v in arrays.values())
+    sock.sendall(_LEN.pack(len(header)) + header + _LEN.pack(len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_msg(sock: socket.socket) -> tuple[str, dict[str, np.ndarray]]:
+    header = json.loads(_recv_exact(sock, _LEN.unpack(_recv_exact(sock, 4))[0]))
+    payload = _recv_exact(sock, _LEN.unpack(_recv_exact(sock, 4))[0])
+    arrays, at = {}, 0
+    for name, dtype, shape in header["arrays"]:
+        dt = np.dtype(dtype)
+        size = int(np.prod(shape)) * dt.itemsize
+        arrays[name] = np.frombuffer(payload[at:at + size], dt).reshape(shape)
+        at += size
+    return header["kind"], arrays
+
+
+def _die(message: str) -> None:
+    log.error(message)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)  # a collective may be stuck in C++: only a hard exit is bounded
+
+
+class Leader:
+    """Rank 0's end: sends steps to every follower, watches their heartbeats."""
+
+    def __init__(self, addr: tuple[str, int], nnodes: int, on_lost=None, accept_timeout_s=120):
+        self.on_lost = on_lost
+        self._lock = threading.Lock()
+        server = socket.create_server(("0.0.0.0", addr[1]), reuse_port=False)
+        server.settimeout(accept_timeout_s)
+        self.peers: dict[int, socket.socket] = {}
+        while len(self.peers) < nnodes - 1:
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                missing = sorted(set(range(1, nnodes)) - set(self.peers))
+                _die(f"ranks {missing} did not connect within {accept_timeout_s} s")
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _, arrays = _recv_msg(conn)
+            self.peers[int(arrays["rank"][0])] = conn
+        server.close()
+        self._last_seen = {r: time.monotonic() for r in self.peers}
+        for rank, conn in self.peers.items():
+            threading.Thread(target=self._listen, args=(rank, conn), daemon=True).start()
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def _lost(self, rank: int, why: str) -> None:
+        if self.on_lost:
+            self.on_lost(rank)
+        _die(f"lost rank {rank} ({why}); shutting down")
+
+    def _listen(self, rank: int, conn: socket.socket) -> None:
+        conn.settimeout(LOST_AFTER_S)
+        try:
+            while True:
+                _recv_msg(conn)
+                self._last_seen[rank] = time.monotonic()
+        except (OSError, ConnectionError, ValueError) as e:
+            self._lost(rank, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+
+    def _heartbeat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            self.send("heartbeat")
+
+    def send(self, kind: str, arrays: dict[str, np.ndarray] | None = None) -> None:
+        with self._lock:
+            for rank, conn in self.peers.items():
+                try:
+                    _send_msg(conn, kind, arrays)
+                except OSError as e:
+                    self._lost(rank, str(e))
+
+
+class Follower:
+    """A follower's end: receives steps from rank 0, answers with heartbeats."""
+
+    def __init__(self, addr: tuple[str, int], rank: int, connect_timeout_s: float = 120):
+        deadline = time.monotonic() + connect_timeout_s
+        while True:
+            try:
+                self.sock = socket.create_connection(addr, timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    _die(f"rank 0 at {addr[0]}:{addr[1]} did not answer within "
+                         f"{connect_timeout_s} s")
+                time.sleep(0.2)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._lock = threading.Lock()
+        _send_msg(self.sock, "hello", {"rank": np.asarray([rank], np.int32)})
+        self.sock.settimeout(LOST_AFTER_S)
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            try:
+                with self._lock:
+                    _send_msg(self.sock, "heartbeat")
+            except OSError as e:
+                _die(f"lost rank 0 ({e}); shutting down")
+
+    def recv(self) -> tuple[str, dict[str, np.ndarray]]:
+        """The next step (heartbeats are skipped); exits when rank 0 is gone."""
+        while True:
+            try:
+                kind, arrays = _recv_msg(self.sock)
+            except (OSError, ConnectionError, ValueError) as e:
+                _die(f"lost rank 0 ({type(e).__name__}: {e}); shutting down")
+            if kind != "heartbeat":
+                return kind, arrays
