@@ -66,7 +66,8 @@ class Storage:
     """Where the weights come from and where the converted checkpoint lives.
 
     mode ``local``: convert onto this host's disk; ``bucket``: the checkpoint sits in a
-    bucket mounted on every host, which rank 0 fills and the others wait for; ``hf``:
+    bucket mounted on every host (or a disk they share), which rank 0 fills and the
+    others wait for; ``hf``:
     no conversion, serve the downloaded HF folder (when the disk cannot hold both).
     """
     mode: str

@@ -193,6 +193,8 @@ def host_run(
         plan = _plan(recipe, sl)
         if storage_mode not in ("local", "bucket", "hf"):
             raise ValueError(f"--storage {storage_mode!r}: expected local, bucket or hf")
+        if sl.is_local and host.num_nodes > 1 and storage_mode == "local":
+            storage_mode = "bucket"  # processes on one machine share its disk: convert once
         root = _cache_root()
         dl = Path(download_dir or root / "hf" / recipe.name).expanduser()
         ckpt = None if storage_mode == "hf" else Path(
