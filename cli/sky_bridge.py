@@ -56,8 +56,8 @@ def launch(config: dict, cluster: str, port: int, detach: bool = False) -> int:
 
     task = sky.Task.from_yaml_config(config)
     job_id, _handle = sky.stream_and_get(sky.launch(task, cluster_name=cluster))
-    endpoint = sky.get(sky.endpoints(cluster, port)).get(port) or sky.get(
-        sky.endpoints(cluster, port)).get(str(port))
+    endpoints = sky.get(sky.endpoints(cluster, port))
+    endpoint = endpoints.get(port) or endpoints.get(str(port))  # keys may arrive as strings
     print(f"endpoint: http://{endpoint}/v1 (OpenAI API; it answers once the log says the "
           "server is up)", flush=True)
     print(f"logs: sgljax logs {cluster}   stop: sgljax down {cluster}", flush=True)

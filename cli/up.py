@@ -90,12 +90,20 @@ def up(
             raise ValueError("which model? `sgljax up SLICE MODEL`, e.g. `sgljax up v6e-8 qwen3-8b`")
         if bucket and not BUCKET.fullmatch(bucket):
             raise ValueError(f"--bucket {bucket!r}: expected gs://BUCKET[/PATH]")
+        if Path(model).expanduser().is_dir():
+            raise ValueError(f"{model} is a folder on this machine; serve it with `sgljax up local "
+                             f"{model}`, or put it in a bucket and pass --bucket/--source")
         recipe, sl = load_recipe(model), parse_slice(slice_name)
         plan = _plan(recipe, sl, tp_size=tp_size)
         storage, disk = sky_task.plan_storage(recipe, plan.dtype, bucket=bucket, source=source)
         envs = sky_task.parse_envs(env)
         if "HF_TOKEN" not in envs and os.environ.get("HF_TOKEN"):
             envs["HF_TOKEN"] = os.environ["HF_TOKEN"]  # gated repos (Llama) need it on the hosts
+        # host-run plans again from recipe + slice; these carry what `up` changed.
+        if tp_size is not None:
+            envs["SGLJAX_TP_SIZE"] = str(tp_size)
+        if not warmup:
+            envs["SGLJAX_WARMUP"] = "false"
         name = cluster or sky_task.default_cluster_name(recipe, sl)
         task = sky_task.render_task(recipe, sl, plan, storage, port=port, spot=spot, infra=infra,
                                     envs=envs, bucket=bucket, name=name)
@@ -109,14 +117,16 @@ def up(
                 if not result["ok"]:
                     raise ValueError(f"SkyPilot rejects the task: {result['error']}")
                 typer.echo("(validated by SkyPilot's sky.Task)", err=True)
+            # stdout stays valid YAML (`> task.yaml; sky launch task.yaml` works): the
+            # per-host commands follow as comments.
             typer.echo(sky_task.to_yaml(sky_task.masked(task)))
-            hosts = [HostEnv(r, tuple(f"HOST{i}_IP" for i in range(sl.hosts)))
-                     for r in sorted({0, sl.hosts - 1})]
-            for h in hosts:
-                steps = build_steps(recipe, plan, h, storage, port=port, warmup=warmup,
+            for rank in sorted({0, sl.hosts - 1}):
+                host = HostEnv(rank, tuple(f"HOST{i}_IP" for i in range(sl.hosts)))
+                steps = build_steps(recipe, plan, host, storage, port=port, warmup=warmup,
                                     python="python")
-                typer.echo(f"# ---- host rank {h.rank} of {sl.hosts} (python: ~/sgljax-venv/bin/"
-                           f"python) ----\n{describe(steps)}")
+                typer.echo(f"# ---- host rank {rank} of {sl.hosts} runs (python = "
+                           "~/sgljax-venv/bin/python):")
+                typer.echo("\n".join(f"#   {line}" for line in describe(steps).splitlines()))
             return
         try:
             sky_client.backend()
@@ -173,6 +183,7 @@ def host_run(
     dist_port: int = typer.Option(DEFAULT_DIST_PORT, "--dist-port", envvar="SGLJAX_DIST_PORT"),
     local_devices: int = typer.Option(1, "--local-devices", envvar="SGLJAX_LOCAL_DEVICES",
                                       help="Devices per host for --slice local."),
+    tp_size: Optional[int] = typer.Option(None, "--tp-size", envvar="SGLJAX_TP_SIZE"),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", envvar="SGLJAX_WARMUP"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print this host's commands only."),
 ) -> None:
@@ -190,7 +201,7 @@ def host_run(
         if sl.hosts != host.num_nodes:
             raise ValueError(f"{sl.name} has {sl.hosts} hosts but SkyPilot reports "
                              f"{host.num_nodes} (SKYPILOT_NUM_NODES)")
-        plan = _plan(recipe, sl)
+        plan = _plan(recipe, sl, tp_size=tp_size)
         if storage_mode not in ("local", "bucket", "hf"):
             raise ValueError(f"--storage {storage_mode!r}: expected local, bucket or hf")
         if sl.is_local and host.num_nodes > 1 and storage_mode == "local":

@@ -122,8 +122,7 @@ def test_disk_arithmetic_picks_storage():
 def test_dry_run_prints_a_valid_task():
     proc, seconds = cli("up", "v6e-8", "qwen3-32b", "--dry-run", "--env", "HF_TOKEN=hf_secret")
     assert proc.returncode == 0, proc.stderr
-    task_text = proc.stdout.split("# ---- host rank")[0]
-    task = yaml.safe_load(task_text)
+    task = yaml.safe_load(proc.stdout)  # the host commands that follow are comments
     assert task["resources"]["accelerators"] == "tpu-v6e-8"
     assert task["resources"]["accelerator_args"]["runtime_version"] == "v2-alpha-tpuv6e"
     assert task["secrets"] == {"HF_TOKEN": "<set>"} and "hf_secret" not in proc.stdout
@@ -150,6 +149,8 @@ def test_up_refuses_with_memory_arithmetic_and_suggestions():
     (["up", "v6e-8", "qwen3-8b", "--bucket", "s3://x"], "gs://"),
     (["up", "v6e-8", "qwen3-8b", "--env", "NOEQUALS"], "KEY=VALUE"),
     (["up", "v7x-8", "qwen3-8b"], "generation"),
+    (["up", "v6e-8", "/"], "is a folder on this machine"),
+    (["up", "v6e-8", "qwen3-8b", "--tp-size", "3"], "do not split over tp=3"),
 ])
 def test_bad_up_arguments_are_one_line_errors(args, error):
     proc, _ = cli(*args, "--dry-run")
@@ -337,3 +338,52 @@ def test_templates_exist_for_every_generation():
 def test_installs_this_source_tree_as_the_workdir():
     spec, workdir = sky_task.install_spec()
     assert spec == "." and workdir == Path(sky_task.__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake_sky(tmp_path):
+    """An interpreter standing in for SkyPilot's: records each bridge request."""
+    record = tmp_path / "requests.jsonl"
+    fake = tmp_path / "fake-sky-python"
+    fake.write_text(f"""#!{PY}
+import json, sys
+op, req = sys.argv[2], json.load(sys.stdin)
+open({str(record)!r}, "a").write(json.dumps({{"op": op, **req}}) + "\\n")
+if op == "validate":
+    print(json.dumps([{{"ok": True}} for _ in req["configs"]]))
+sys.exit(7 if op == "status" else 0)
+""")
+    fake.chmod(0o755)
+    env = {"SGLJAX_SKY_PYTHON": str(fake), "SGLJAX_SKIP_CLOUD_CHECK": "1"}
+    return env, lambda: [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def test_up_launches_through_skypilot(fake_sky):
+    env, requests = fake_sky
+    proc, _ = cli("up", "v6e-16", "qwen3-8b", "--spot", "--detach", "--cluster", "mine",
+                  "--port", "8080", "--no-warmup", env=env)
+    assert proc.returncode == 0, proc.stderr
+    validate, launch = requests()
+    assert validate["op"] == "validate" and validate["configs"][0] == launch["config"]
+    assert (launch["op"], launch["cluster"], launch["port"], launch["detach"]) == (
+        "launch", "mine", 8080, True)
+    task = launch["config"]
+    assert task["resources"]["use_spot"] is True and task["resources"]["ports"] == [8080]
+    assert task["envs"]["SGLJAX_PORT"] == "8080" and task["envs"]["SGLJAX_HOSTS"] == "4"
+    # The hosts see what `up` was told: host-run with the task's envs plans the same way.
+    host = {**task["envs"], "SKYPILOT_NODE_RANK": "3", "SKYPILOT_NUM_NODES": "4",
+            "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2\n10.0.0.3\n10.0.0.4"}
+    proc, _ = cli("host-run", "--dry-run", env=host)
+    assert proc.returncode == 0, proc.stderr
+    assert "# warmup" not in proc.stdout and "--port 8080 --tp-size 16" in proc.stdout
+    assert proc.stdout.rstrip().endswith("--nnodes 4 --node-rank 3 --dist-init-addr 10.0.0.1:8476")
+
+
+def test_down_status_logs_go_to_skypilot(fake_sky):
+    env, requests = fake_sky
+    assert cli("down", env=env)[0].returncode == 0
+    assert cli("logs", "mine", "--no-follow", env=env)[0].returncode == 0
+    assert cli("status", env=env)[0].returncode == 7  # SkyPilot's exit code comes through
+    assert requests() == [{"op": "down", "cluster": None},
+                          {"op": "logs", "cluster": "mine", "follow": False},
+                          {"op": "status"}]
