@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
@@ -133,11 +132,3 @@ def call(op: str, **request):
 def validate(configs: list[dict]) -> list[dict]:
     return call("validate", configs=configs)
 
-
-def python_for_tests() -> str | None:
-    """Where tests can reach SkyPilot: this interpreter or an external one (or None)."""
-    try:
-        where = backend()
-    except SkyUnavailable:
-        return None
-    return sys.executable if where == "in-process" else where
