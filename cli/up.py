@@ -58,7 +58,10 @@ def _up_local(model: str, port: int, tp_size: Optional[int], source: Optional[st
     if dry_run:
         typer.echo(describe(steps))
         return
-    run_steps(steps)
+    try:
+        run_steps(steps)
+    except PipelineError as e:
+        raise ValueError(str(e)) from None
 
 
 def up(

@@ -282,6 +282,15 @@ def test_up_local_dry_run_uses_the_default_model():
     assert "--host 127.0.0.1 --port 30000 --tp-size 1 --dtype float32" in lines[-1]
 
 
+def test_up_local_failing_step_is_one_line(tmp_path):
+    # convert of a missing folder fails (today `convert` is not a command yet: exit 2).
+    proc, _ = cli("up", "local", "--source", str(tmp_path / "missing"),
+                  env={"SGLJAX_CACHE_DIR": str(tmp_path)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: convert failed (exit ")
+    assert "warmup:" not in proc.stderr  # the pipeline stopped at the failing step
+
+
 def test_host_env_defaults_to_one_local_node():
     assert HostEnv.from_environ({}) == HostEnv(0, ("127.0.0.1",))
     assert HostEnv.from_environ({"SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6", "SKYPILOT_NODE_RANK": "1"}
