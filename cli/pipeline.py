@@ -152,7 +152,8 @@ def build_steps(recipe: Recipe, plan: ServingPlan, host: HostEnv, storage: Stora
         if converts:
             src = str(storage.download_dir) if storage.needs_fetch() else storage.source
             steps.append(Step("convert", sgljax_cmd(python, "convert", src, str(storage.checkpoint),
-                                                    "--dtype", plan.dtype), info=info))
+                                                    "--dtype", plan.dtype,
+                                                    "--tp-size", str(plan.tp_size)), info=info))
             steps.append(Step("mark", kind="mark", path=marker, info=info))
         elif storage.must_exist:
             steps.append(Step("require", kind="require", path=marker, info=info))
@@ -186,14 +187,29 @@ def _marker_matches(path: Path, info: dict) -> bool:
     return True
 
 
+def _converted(step: Step) -> bool:
+    """Is the conversion this marker step stands for already there?
+
+    Our marker says so, with what it was made from. Without one, a finished
+    ``sgljax convert`` OUTPUT (it renames OUTPUT.partial when complete) counts for the
+    host that would convert and for a checkpoint required in a bucket; followers
+    wait for the marker, since renames on a mounted bucket are not atomic.
+    """
+    if _marker_matches(step.path, step.info):
+        return True
+    return step.kind in ("mark", "require") and step.path.parent.is_dir()
+
+
 def run_steps(steps: list[Step], *, wait_timeout_s: float = 4 * 3600, poll_s: float = 10,
               log=lambda msg: print(f"[sgljax] {msg}", file=sys.stderr, flush=True)):
     """Run the steps; the last (serve) replaces this process. Skips done conversions."""
     skip = set()
     for s in steps:  # a finished conversion makes fetch and convert unnecessary
-        if s.kind in ("mark", "wait", "require") and _marker_matches(s.path, s.info):
+        if s.kind in ("mark", "wait", "require") and _converted(s):
             log(f"reusing the converted checkpoint in {s.path.parent}")
-            skip = {"fetch", "convert", "mark", "wait", "require"}
+            skip = {"fetch", "convert", "wait", "require"}
+            if s.path.is_file():
+                skip.add("mark")
     for s in steps:
         if s.label in skip:
             continue

@@ -234,7 +234,7 @@ def test_host_run_two_ranks_build_the_multi_host_command_lines(tmp_path):
             "--nnodes", "2", "--node-rank", str(rank), "--dist-init-addr", "127.0.0.1:8477"]
         assert f"host {rank}/2 of v5p-16" in err
     rank0, rank1 = outs[0][0], outs[1][0]
-    assert "# fetch" in rank0 and f"convert {tmp_path / 'hf'} {ckpt} --dtype bfloat16" in rank0
+    assert "# fetch" in rank0 and f"convert {tmp_path / 'hf'} {ckpt} --dtype bfloat16 --tp-size 8" in rank0
     assert "# convert" not in rank1 and f"wait {ckpt}/sgljax-ready.json" in rank1
 
 
@@ -250,7 +250,7 @@ def test_host_run_local_slice_from_a_model_folder(tmp_path):
              for r in (0, 1)]
     assert [p.returncode for p in procs] == [0, 0], procs[1].stderr
     # Both processes share this machine's disk: rank 0 converts, rank 1 waits for it.
-    assert f"convert {model} {tmp_path / 'c'} --dtype float32" in procs[0].stdout
+    assert f"convert {model} {tmp_path / 'c'} --dtype float32 --tp-size 2" in procs[0].stdout
     assert "# convert" not in procs[1].stdout and "# wait" in procs[1].stdout
     proc = procs[1]
     assert proc.stdout.splitlines()[-1].endswith(
@@ -316,6 +316,21 @@ def test_run_steps_reuses_a_finished_conversion(tmp_path):
         run_steps(steps, log=lambda m: None)
 
 
+def test_run_steps_trusts_a_finished_convert_output_without_marker(tmp_path):
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()  # what `sgljax convert` leaves once it renames OUTPUT.partial
+    info = {"model": "m", "source": "s", "dtype": "float32"}
+    marker = ckpt / "sgljax-ready.json"
+    steps = [step("convert", "raise SystemExit(9)"), Step("mark", kind="mark", path=marker, info=info)]
+    run_steps(steps, log=lambda m: None)  # convert skipped, marker written for the followers
+    assert json.loads(marker.read_text()) == info
+    marker.unlink()
+    run_steps([Step("require", kind="require", path=marker, info=info)], log=lambda m: None)
+    with pytest.raises(PipelineError, match="gave up"):  # followers need the marker itself
+        run_steps([Step("wait", kind="wait", path=marker, info=info)], wait_timeout_s=0,
+                  poll_s=0, log=lambda m: None)
+
+
 def test_run_steps_failures_are_named(tmp_path):
     with pytest.raises(PipelineError, match="convert failed \\(exit 3\\)"):
         run_steps([step("convert", "raise SystemExit(3)")], log=lambda m: None)
@@ -324,7 +339,7 @@ def test_run_steps_failures_are_named(tmp_path):
         run_steps([Step("wait", kind="wait", path=tmp_path / "x", info=info)],
                   wait_timeout_s=0, poll_s=0, log=lambda m: None)
     with pytest.raises(PipelineError, match="convert it elsewhere"):
-        run_steps([Step("require", kind="require", path=tmp_path / "x", info=info)],
+        run_steps([Step("require", kind="require", path=tmp_path / "none" / "x", info=info)],
                   log=lambda m: None)
 
 
