@@ -45,6 +45,11 @@ TokenPaddings = Annotated[Optional[str], typer.Option("--precompile-token-paddin
 CacheDir = Annotated[Optional[str], typer.Option(
     "--compilation-cache-dir", help="Persistent compilation cache (default ~/.cache/sgljax/jax-cache).")]
 
+NNodes = Annotated[int, typer.Option("--nnodes", help="Hosts running one engine together.")]
+NodeRank = Annotated[int, typer.Option("--node-rank", help="This host's rank (0 serves HTTP).")]
+DistInitAddr = Annotated[Optional[str], typer.Option(
+    "--dist-init-addr", help="HOST:PORT of rank 0's JAX coordinator (the next port is also used).")]
+
 ENGINE_DEFAULTS = EngineArgs()
 
 

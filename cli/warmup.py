@@ -46,6 +46,9 @@ def warmup(
     precompile_bs_paddings: eo.BsPaddings = None,
     precompile_token_paddings: eo.TokenPaddings = None,
     compilation_cache_dir: eo.CacheDir = None,
+    nnodes: eo.NNodes = 1,
+    node_rank: eo.NodeRank = 0,
+    dist_init_addr: eo.DistInitAddr = None,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
 ) -> None:
     """Compile every shape bucket the server will use, into the persistent cache."""
@@ -55,6 +58,9 @@ def warmup(
         model_path = model_path or model
         args = eo.engine_args(locals())
         engine = Engine(args)
+        if engine.is_follower:  # rank 0 drives the warmup steps; this host runs them too
+            engine.follow()
+            return
         if not as_json:
             typer.echo(f"buckets: {engine.plan.describe()}")
         figures = warm_engine(engine, quiet=as_json)
@@ -63,6 +69,7 @@ def warmup(
         else:
             typer.echo(f"warmed {figures['buckets']} buckets in {figures['seconds']} s "
                        f"({figures['compiled']} compiled, {figures['from_cache']} from the cache)")
+        engine.shutdown()
 
 
 def register(app: typer.Typer) -> None:
