@@ -217,19 +217,25 @@ def test_greedy_outputs_equal_engine_api(http, tiny_models):
     from sgljax.engine.engine import Engine
     from sgljax.engine.sampling import SamplingParams
 
-    prompts = [[151644, 872, 198, 9707, 11, 1879], list(range(1000, 1037)), [42] * 70]
+    # The last prompt spans two prefill chunks of 64 tokens.
+    prompts = ["Hi", "The quick brown fox jumps over the lazy dog, again and again.",
+               " ".join(f"word{i}" for i in range(30))]
     engine = Engine(model_path=str(tiny_models["qwen3"]), page_size=16, chunked_prefill_size=64,
                     max_running_requests=8, context_length=256, max_total_tokens=8192)
+    assert len(engine.tokenizer.encode(prompts[-1])) > 64
     want = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0,
                                                    ignore_eos=True))
-    got = http.post("/generate", json={"input_ids": prompts, "sampling_params": {
-        "max_new_tokens": 16, "temperature": 0, "ignore_eos": True}}).json()
-    assert [g["output_ids"] for g in got] == [w["token_ids"] for w in want]
-    assert [g["text"] for g in got] == [w["text"] for w in want]
-    text = engine.generate("The quick brown fox", SamplingParams(max_tokens=10, temperature=0))
-    r = http.post("/v1/completions", json={"prompt": "The quick brown fox", "max_tokens": 10,
-                                           "temperature": 0})
-    assert r.json()["choices"][0]["text"] == text[0]["text"]
+    sampling = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
+    by_text = http.post("/generate", json={"text": prompts, "sampling_params": sampling}).json()
+    assert [g["output_ids"] for g in by_text] == [w["token_ids"] for w in want]
+    assert [g["text"] for g in by_text] == [w["text"] for w in want]
+    ids = [engine.tokenizer.encode(p) for p in prompts]
+    by_ids = http.post("/generate", json={"input_ids": ids, "sampling_params": sampling}).json()
+    assert [g["output_ids"] for g in by_ids] == [w["token_ids"] for w in want]
+    r = http.post("/v1/completions", json={"prompt": prompts, "max_tokens": 16,
+                                           "temperature": 0, "ignore_eos": True}).json()
+    assert [c["text"] for c in sorted(r["choices"], key=lambda c: c["index"])] == \
+        [w["text"] for w in want]
 
 
 # -- cache, metrics, disconnects --------------------------------------------------------------
@@ -238,7 +244,9 @@ def test_flush_cache_refused_while_running(http):
     body = {"prompt": "Busy", "max_tokens": 200, "temperature": 1.0, "ignore_eos": True,
             "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as r:
-        next(line for line in r.iter_lines() if line.startswith("data: "))
+        lines = r.iter_lines()  # kept referenced: closing it would hang up the stream
+        while not next(lines).startswith("data: "):
+            pass
         busy = http.post("/flush_cache")
         assert busy.status_code == 400 and busy.json()["error"]["code"] == "server_busy"
     _wait_idle(http)
@@ -299,6 +307,22 @@ def test_disconnecting_clients_free_their_kv_pages(http, server):
     # And the server still serves.
     r = http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2})
     assert r.status_code == 200
+
+
+def test_non_streaming_client_that_times_out_is_aborted(http, server):
+    def ended(reason: str) -> float:
+        prefix = f'sgljax:num_requests_total{{finish_reason="{reason}"'
+        return sum(float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
+                   if line.startswith(prefix))
+
+    _wait_idle(http)
+    aborted, by_length = ended("abort"), ended("length")
+    body = {"prompt": "Patience", "max_tokens": 220, "temperature": 1.0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
+    _wait_idle(http)
+    assert _server_state(http)["kv_pages_held_by_requests"] == 0
+    assert ended("abort") == aborted + 1 and ended("length") == by_length
 
 
 # -- bad input: the right 4xx, in OpenAI's error shape, and the server carries on ---------------

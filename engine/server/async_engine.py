@@ -223,10 +223,10 @@ class AsyncEngine:
                 self._add(cmd[1], cmd[2])
             elif cmd[0] == "abort":
                 for rid in cmd[1]:
+                    if self.metrics and rid in self._arrival:  # still in the engine
+                        self.metrics.request_finished("abort")
                     self.engine.abort(rid)
                     self._forget(rid)
-                    if self.metrics:
-                        self.metrics.request_finished("abort")
             elif cmd[0] == "abort_all":
                 self._abort_all(cmd[1], cmd[2])
             elif cmd[0] == "flush":
