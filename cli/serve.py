@@ -14,7 +14,8 @@ SCHEDULE_POLICIES = ("fcfs", "lpm")
 
 def serve(
     model_path: Optional[str] = typer.Option(
-        None, "--model-path", "-m", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+        None, "--model-path", "-m",
+        help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(30000, "--port"),
     tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel degree (devices)."),

@@ -196,6 +196,16 @@ class AsyncEngine:
 
     # -- the engine thread -------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug in this loop: never leave handlers waiting forever
+            log.exception("the engine thread died")
+            self._stopping = True
+            dead = [Delta(rid, "", [], True, "abort", error="the engine thread died",
+                          error_status=500) for rid in list(self._handles)]
+            self._deliver(dead)
+
+    def _loop(self) -> None:
         while True:
             self._wake.clear()  # before draining, so a command sent after the drain wakes us
             self._drain_inbox()

@@ -179,7 +179,7 @@ def chat_prompt_ids(tok: Tokenizer, req: ChatCompletionRequest) -> list[int]:
 
 def prepare_chat(tok: Tokenizer, req: ChatCompletionRequest, limits: Limits) -> Prepared:
     reject_unsupported(req)
-    if req.top_logprobs is not None and not req.logprobs:
+    if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     if req.max_completion_tokens is not None:
         requested, param = req.max_completion_tokens, "max_completion_tokens"
