@@ -1,5 +1,6 @@
 """Operating the server: API key, overload (503), SIGTERM, and CLI argument errors."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -106,3 +107,17 @@ def test_cli_argument_errors_are_one_line(args, message):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error:") and message in r.stderr
+
+
+@pytest.mark.skipif(os.environ.get("SGLJAX_SLOW_TESTS") != "1",
+                    reason="slow (loads SmolLM2): set SGLJAX_SLOW_TESTS=1")
+def test_default_model_answers_paris():
+    srv = ServerProcess(None, "--skip-server-warmup", "--context-length", "1024",
+                        "--max-running-requests", "4")
+    try:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=300, json={
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 30, "temperature": 0})
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+    finally:
+        srv.stop()

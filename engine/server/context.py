@@ -1,13 +1,16 @@
-"""What every route needs: the engine bridge, a tokenizer, limits and names."""
+"""What every route needs (the engine bridge, a tokenizer, limits, names), and how a
+route waits for or streams its sequences."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from sgljax.engine.args import EngineArgs
 from sgljax.engine.server.args import ServerArgs
@@ -20,6 +23,7 @@ from sgljax.engine.server.responses import ChoiceState, TokenStrings
 from sgljax.engine.tokenizer import Tokenizer
 
 DISCONNECT_POLL_S = 0.5
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -80,3 +84,21 @@ async def collect(request: Request, handle: RequestHandle,
         watcher.cancel()
         handle.abort()
     return not handle.cancelled
+
+
+class EngineEventStream(StreamingResponse):
+    """Server-sent events from a request's sequences; ending in any way aborts them.
+
+    The event generator aborts in its own ``finally`` too, but a client that
+    hangs up before the generator first runs would never reach it.
+    """
+
+    def __init__(self, events: AsyncIterator[str], handle: RequestHandle):
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.handle.abort()

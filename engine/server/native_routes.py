@@ -7,11 +7,11 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from sgljax.engine.server.async_engine import RequestHandle
-from sgljax.engine.server.context import ServerContext, collect
+from sgljax.engine.server.context import EngineEventStream, ServerContext, collect
 from sgljax.engine.server.errors import APIError, error_body, read_model
 from sgljax.engine.server.metrics import CONTENT_TYPE
 from sgljax.engine.server.openai_adapters import prepare_generate
@@ -36,8 +36,7 @@ async def generate(request: Request):
     single = len(states) == 1 and not isinstance(req.text, list) and not (
         req.input_ids and isinstance(req.input_ids[0], list))
     if req.stream:
-        return StreamingResponse(_generate_events(handle, states, arrival, req),
-                                 media_type="text/event-stream")
+        return EngineEventStream(_generate_events(handle, states, arrival, req), handle)
     if not await collect(request, handle, states):
         return Response(status_code=499)
     outs = [_native_output(r, st, arrival, req) for r, st in states.items()]

@@ -6,11 +6,11 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from sgljax.engine.server.async_engine import RequestHandle
-from sgljax.engine.server.context import ServerContext, collect
+from sgljax.engine.server.context import EngineEventStream, ServerContext, collect
 from sgljax.engine.server.errors import error_body, read_model
 from sgljax.engine.server.openai_adapters import (
     Prepared, check_model_name, prepare_chat, prepare_completion)
@@ -20,16 +20,11 @@ from sgljax.engine.server.responses import (
     completion_logprobs, completion_response, sse, usage, usage_chunk)
 
 router = APIRouter()
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads this answer
 
 
 def _ctx(request: Request) -> ServerContext:
     return request.app.state.ctx
-
-
-def _stream(gen: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _error_event(status: int, message: str) -> str:
@@ -69,8 +64,8 @@ async def chat_completions(request: Request):
     created, k = int(time.time()), req.top_logprobs or 0
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream(_chat_events(ctx, rid, created, handle, states, prep, req.logprobs, k,
-                                    include_usage))
+        return EngineEventStream(_chat_events(ctx, rid, created, handle, states, prep,
+                                              req.logprobs, k, include_usage), handle)
     if not await collect(request, handle, states):
         return Response(status_code=CLIENT_GONE)
     return JSONResponse(chat_response(rid, created, ctx.model_name, list(states.values()),
@@ -125,8 +120,8 @@ async def completions(request: Request):
     echo = prep.prompt_texts if req.echo else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream(_completion_events(ctx, rid, created, handle, states, prep, req.logprobs,
-                                          echo, include_usage))
+        return EngineEventStream(_completion_events(ctx, rid, created, handle, states, prep,
+                                                    req.logprobs, echo, include_usage), handle)
     if not await collect(request, handle, states):
         return Response(status_code=CLIENT_GONE)
     return JSONResponse(completion_response(rid, created, ctx.model_name, list(states.values()),
