@@ -1,0 +1,329 @@
+"""One thread owns the Engine; HTTP handlers talk to it through an inbox and queues.
+
+The Engine is not thread-safe and every ``step`` blocks on the device, so it
+lives in a single background thread. Handlers (on the asyncio loop) put
+commands (add, abort, flush) into an inbox and wake the thread; the thread
+drains the inbox between steps and hands each step's outputs back to the
+loop with one ``call_soon_threadsafe`` per step, where they land on the
+per-request asyncio queues. Outputs are copied into plain ``Delta`` records
+in the engine thread, so handlers never read a Sequence the engine is changing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sgljax.engine.engine import Engine, RequestOutput
+from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """More requests are queued than --max-queued-requests allows."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is not running (shutting down, or it died)."""
+
+
+@dataclass
+class Delta:
+    """What one step produced for one sequence (a copy, safe to read on the loop)."""
+
+    rid: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None  # the engine refused or failed this sequence
+    error_status: int = 400  # HTTP status for ``error``: 400 refused, 503 shutting down, 500
+
+
+@dataclass
+class SeqRequest:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot the engine thread publishes after every step (read by /metrics etc.)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_pages_used: int = 0
+    kv_pages_total: int = 1
+    kv_pages_held_by_requests: int = 0
+    prefix_cache_pages: int = 0
+    cache_hit_rate: float = 0.0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_pages_used / max(self.kv_pages_total, 1)
+
+
+class RequestHandle:
+    """One HTTP request's sequences; their deltas arrive on one asyncio queue."""
+
+    def __init__(self, owner: "AsyncEngine", rids: list[str]):
+        self.owner = owner
+        self.rids = rids
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.unfinished = set(rids)
+        self.cancelled = False  # the client went away before the end
+
+    @property
+    def done(self) -> bool:
+        return not self.unfinished
+
+    async def next_batch(self) -> list[Delta]:
+        """Wait for at least one delta; return all that are ready (coalescing a backlog)."""
+        batch = [await self.queue.get()]
+        while not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        for d in batch:
+            if d.finished:
+                self.unfinished.discard(d.rid)
+        return batch
+
+    def abort(self) -> None:
+        """Stop every unfinished sequence and free its KV pages (client went away)."""
+        if self.unfinished:
+            self.owner.abort(list(self.unfinished))
+            self.unfinished.clear()
+
+    def cancel(self) -> None:
+        """Abort, and wake a handler waiting on the queue with a final 'abort' delta."""
+        rids = list(self.unfinished)
+        self.cancelled = True
+        self.abort()
+        for rid in rids:
+            self.queue.put_nowait(Delta(rid, "", [], True, "abort"))
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None,
+                 max_queued_requests: int | None = None):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_queued_requests = max_queued_requests
+        self.stats = EngineStats()
+        self._inbox: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._pending_adds = 0  # sequences in the inbox, not yet in the scheduler
+        self._handles: dict[str, RequestHandle] = {}
+        self._arrival: dict[str, float] = {}
+        self._last_token: dict[str, float] = {}
+        self._stopping = False
+        self._draining = False  # shutting down: no new requests
+        self._thread = threading.Thread(target=self._run, name="sgljax-engine", daemon=True)
+
+    # -- the loop side ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def drain(self) -> None:
+        """Refuse new requests from now on (in-flight ones go on)."""
+        self._draining = True
+
+    def abort_all(self, reason: str = "the server is shutting down", status: int = 503) -> None:
+        """End every request in flight; their handlers get an error delta."""
+        self._inbox.append(("abort_all", reason, status))
+        self._wake.set()
+
+    def is_active(self, rid: str) -> bool:
+        return rid in self._handles
+
+    def num_queued(self) -> int:
+        return self.stats.num_waiting + self._pending_adds
+
+    def submit(self, seqs: list[SeqRequest], arrival: float | None = None) -> RequestHandle:
+        """Queue sequences for the engine (call on the event loop)."""
+        if not self.alive or self._draining:
+            raise EngineStopped("the server is shutting down")
+        limit = self.max_queued_requests
+        if limit is not None and self.num_queued() + len(seqs) > limit:
+            raise Overloaded(f"the server is overloaded: {self.num_queued()} requests are "
+                             f"waiting (limit {limit}); retry later")
+        handle = RequestHandle(self, [s.rid for s in seqs])
+        for s in seqs:
+            self._handles[s.rid] = handle
+        with self._lock:
+            self._pending_adds += len(seqs)
+        self._inbox.append(("add", seqs, arrival or time.monotonic()))
+        self._wake.set()
+        return handle
+
+    def abort(self, rids: list[str]) -> None:
+        for rid in rids:
+            self._handles.pop(rid, None)
+        self._inbox.append(("abort", rids))
+        self._wake.set()
+
+    async def flush_cache(self) -> bool:
+        """Empty the prefix cache; False (and nothing done) while requests are in flight."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.append(("flush", fut))
+        self._wake.set()
+        return await asyncio.wrap_future(fut)
+
+    # -- the engine thread -------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug in this loop: never leave handlers waiting forever
+            log.exception("the engine thread died")
+            self._stopping = True
+            dead = [Delta(rid, "", [], True, "abort", error="the engine thread died",
+                          error_status=500) for rid in list(self._handles)]
+            self._deliver(dead)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.clear()  # before draining, so a command sent after the drain wakes us
+            self._drain_inbox()
+            if self._stopping:
+                self._abort_all("the server is shutting down", 503)
+                self._drain_inbox()
+                return
+            if not self.engine.has_work():
+                self._publish_stats()
+                self._wake.wait()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:
+                log.exception("engine step failed; failing the requests in flight")
+                self._abort_all("internal error while running the model", 500)
+                continue
+            self._deliver([self._delta(o) for o in outputs])
+            self._publish_stats()
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            cmd = self._inbox.popleft()
+            if cmd[0] == "add":
+                self._add(cmd[1], cmd[2])
+            elif cmd[0] == "abort":
+                for rid in cmd[1]:
+                    if self.metrics and rid in self._arrival:  # still in the engine
+                        self.metrics.request_finished("abort")
+                    self.engine.abort(rid)
+                    self._forget(rid)
+            elif cmd[0] == "abort_all":
+                self._abort_all(cmd[1], cmd[2])
+            elif cmd[0] == "flush":
+                busy = self.engine.has_work() or any(c[0] == "add" for c in self._inbox)
+                if not busy:
+                    self.engine.prefix_cache.flush()
+                    self._publish_stats()
+                cmd[1].set_result(not busy)
+
+    def _add(self, seqs: list[SeqRequest], arrival: float) -> None:
+        with self._lock:
+            self._pending_adds -= len(seqs)
+        errors = []
+        for s in seqs:
+            if s.rid not in self._handles:
+                continue  # aborted before it reached the engine
+            try:
+                self.engine.add_request(s.prompt_ids, s.params, rid=s.rid)
+            except Exception as e:  # noqa: BLE001 - reported to the client, not raised here
+                status = 400 if isinstance(e, ValueError) else 500
+                errors.append(Delta(s.rid, "", [], True, "error", error=str(e),
+                                    error_status=status))
+                continue
+            self._arrival[s.rid] = arrival
+            if self.metrics:
+                self.metrics.prompt_tokens.inc(len(s.prompt_ids))
+        self._deliver(errors)
+
+    def _delta(self, o: RequestOutput) -> Delta:
+        seq, now = o.seq, time.monotonic()
+        if self.metrics:
+            self.metrics.generation_tokens.inc(len(o.delta_token_ids))
+            last = self._last_token.get(o.rid)
+            if last is None:
+                self.metrics.ttft.observe(now - self._arrival.get(o.rid, now))
+            else:
+                self.metrics.itl.observe(now - last)
+            if o.finished:
+                self.metrics.e2e.observe(now - self._arrival.get(o.rid, now))
+                self.metrics.request_finished(o.finish_reason or "stop")
+        self._last_token[o.rid] = now
+        return Delta(o.rid, o.delta_text, list(o.delta_token_ids), o.finished, o.finish_reason,
+                     seq.matched_stop, list(o.delta_logprobs), list(o.delta_top_logprobs),
+                     len(seq.prompt_ids), len(seq.output_ids), seq.num_cached_prompt)
+
+    def _deliver(self, deltas: list[Delta]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for d in deltas:
+            handle = self._handles.get(d.rid)
+            if d.finished:
+                self._forget(d.rid)
+            if handle is not None:
+                by_loop.setdefault(handle.loop, []).append((handle, d))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is listening any more
+
+    def _forget(self, rid: str) -> None:
+        self._handles.pop(rid, None)
+        self._arrival.pop(rid, None)
+        self._last_token.pop(rid, None)
+
+    def _abort_all(self, reason: str, status: int) -> None:
+        rids = list(self._handles)
+        for rid in rids:
+            self.engine.abort(rid)
+        self._deliver([Delta(rid, "", [], True, "abort", error=reason, error_status=status)
+                       for rid in rids])
+        # Sequences nobody listens to any more (handles already gone) must free pages too.
+        for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
+            self.engine.abort(seq.rid)
+        self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        eng = self.engine
+        running = eng.scheduler.running
+        held = {p for s in running for p in s.pages}
+        cache = eng.prefix_cache
+        self.stats = EngineStats(
+            num_running=len(running), num_waiting=len(eng.scheduler.waiting),
+            kv_pages_used=eng.pool.num_used, kv_pages_total=eng.pool.capacity,
+            kv_pages_held_by_requests=len(held), prefix_cache_pages=cache.num_pages,
+            cache_hit_rate=cache.hit_rate() if hasattr(cache, "hit_rate") else 0.0)
+
+
+def _put_all(items: list[tuple[RequestHandle, Delta]]) -> None:
+    for handle, delta in items:
+        handle.queue.put_nowait(delta)
