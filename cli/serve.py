@@ -2,40 +2,41 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import typer
 
+from sgljax.cli import engine_options as eo
 from sgljax.cli.errors import user_errors
+from sgljax.cli.warmup import warmup_progress
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
+D = eo.ENGINE_DEFAULTS
 
 
 def serve(
-    model_path: Optional[str] = typer.Option(
-        None, "--model-path", "-m",
-        help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)."),
+    model_path: eo.ModelPath = None,
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(30000, "--port"),
-    tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel degree (devices)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
-    page_size: Optional[int] = typer.Option(None, "--page-size", help="Tokens per KV page."),
-    context_length: Optional[int] = typer.Option(None, "--context-length"),
-    mem_fraction_static: Optional[float] = typer.Option(
-        None, "--mem-fraction-static", help="Share of free memory for the KV cache."),
-    max_total_tokens: Optional[int] = typer.Option(
-        None, "--max-total-tokens", help="KV cache size in tokens (overrides the fraction)."),
-    max_running_requests: Optional[int] = typer.Option(None, "--max-running-requests"),
-    chunked_prefill_size: Optional[int] = typer.Option(
-        None, "--chunked-prefill-size", help="Prompt tokens per prefill step."),
-    max_prefill_tokens: Optional[int] = typer.Option(
-        None, "--max-prefill-tokens", help="Alias of --chunked-prefill-size."),
+    tp_size: eo.TpSize = D.tp_size,
+    dtype: eo.Dtype = D.dtype,
+    page_size: eo.PageSize = D.page_size,
+    context_length: eo.ContextLength = D.context_length,
+    mem_fraction_static: eo.MemFraction = D.mem_fraction_static,
+    max_total_tokens: eo.MaxTotalTokens = None,
+    max_running_requests: eo.MaxRunning = D.max_running_requests,
+    chunked_prefill_size: eo.ChunkedPrefill = D.chunked_prefill_size,
     max_queued_requests: Optional[int] = typer.Option(
         None, "--max-queued-requests", help="Answer 503 beyond this many waiting requests."),
-    disable_radix_cache: bool = typer.Option(False, "--disable-radix-cache"),
-    schedule_policy: str = typer.Option("fcfs", "--schedule-policy", help="fcfs or lpm."),
-    random_seed: Optional[int] = typer.Option(None, "--random-seed"),
+    disable_radix_cache: eo.DisableRadix = False,
+    schedule_policy: eo.SchedulePolicy = D.schedule_policy,
+    random_seed: eo.RandomSeed = None,
+    precompile_bs_paddings: eo.BsPaddings = None,
+    precompile_token_paddings: eo.TokenPaddings = None,
+    compilation_cache_dir: eo.CacheDir = None,
+    nnodes: eo.NNodes = 1,
+    node_rank: eo.NodeRank = 0,
+    dist_init_addr: eo.DistInitAddr = None,
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SGLJAX_API_KEY",
                                           help="Require 'Authorization: Bearer KEY'."),
@@ -48,41 +49,26 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
     with user_errors():
-        from sgljax.engine.args import EngineArgs
+        from sgljax.engine.server.app import run_server
         from sgljax.engine.server.args import ServerArgs
 
         if schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"--schedule-policy must be one of {', '.join(SCHEDULE_POLICIES)}")
-        if (chunked_prefill_size and max_prefill_tokens
-                and chunked_prefill_size != max_prefill_tokens):
-            raise ValueError("--chunked-prefill-size and --max-prefill-tokens disagree; give one")
-        overrides = {k: v for k, v in dict(
-            page_size=page_size, context_length=context_length,
-            mem_fraction_static=mem_fraction_static, max_total_tokens=max_total_tokens,
-            max_running_requests=max_running_requests,
-            chunked_prefill_size=chunked_prefill_size or max_prefill_tokens).items()
-            if v is not None}
-        for name, value in overrides.items():
-            if name != "mem_fraction_static" and value < 1:
+        for name in ("page_size", "context_length", "max_running_requests",
+                     "chunked_prefill_size", "max_total_tokens"):
+            value = locals()[name]
+            if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if mem_fraction_static is not None and not 0 < mem_fraction_static < 1:
+        if not 0 < mem_fraction_static < 1:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
-        engine_args = EngineArgs(model_path=model_path, dtype=dtype, tp_size=tp_size,
-                                 disable_radix_cache=disable_radix_cache,
-                                 schedule_policy=schedule_policy, random_seed=random_seed,
-                                 **overrides)
+        engine_args = eo.engine_args(locals())
         server_args = ServerArgs(host=host, port=port, served_model_name=served_model_name,
                                  api_key=api_key, max_queued_requests=max_queued_requests,
                                  skip_server_warmup=skip_server_warmup,
                                  log_level=log_level,
                                  graceful_shutdown_timeout=graceful_shutdown_timeout).validate()
-        from sgljax.engine.server.app import run_server
-
-        def progress(done: int, total: int) -> None:
-            if done == total or done % max(1, total // 10) == 0:
-                print(f"warmup: compiled {done}/{total} step shapes", file=sys.stderr, flush=True)
-
-        run_server(engine_args, server_args, progress=progress)
+        with warmup_progress(quiet=skip_server_warmup or node_rank > 0) as progress:
+            run_server(engine_args, server_args, progress=progress)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Optional
@@ -15,18 +16,28 @@ from sgljax.cli.errors import user_errors
 D = eo.ENGINE_DEFAULTS
 
 
+@contextlib.contextmanager
+def warmup_progress(quiet: bool = False):
+    """A rich progress bar fed by ``Engine.warmup``'s ``progress(done, total, shape)``."""
+    columns = (TextColumn("warmup"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, disable=quiet, transient=False) as bar:
+        task = None
+
+        def step(done, total, shape):
+            nonlocal task
+            if task is None:
+                task = bar.add_task("", total=total)
+            bar.update(task, completed=done, description=f"buckets (S, Q, P) {shape}")
+
+        yield step
+
+
 def warm_engine(engine, quiet: bool = False) -> dict:
     """Warm ``engine`` with a progress bar; returns the figures that prove it."""
     stats = engine.compile_stats
     misses0, hits0, t0 = stats.cache_misses, stats.cache_hits, time.perf_counter()
-    columns = (TextColumn("warmup"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}"))
-    with Progress(*columns, disable=quiet, transient=False) as bar:
-        task = bar.add_task("", total=len(engine.plan.all_shapes()))
-
-        def step(done, total, shape):
-            bar.update(task, completed=done, description=f"S,Q,P={shape}")
-
+    with warmup_progress(quiet) as step:
         n = engine.warmup(step)
     return {"buckets": n, "seconds": round(time.perf_counter() - t0, 2),
             "compiled": stats.cache_misses - misses0, "from_cache": stats.cache_hits - hits0}

@@ -117,8 +117,33 @@ def _graceful_server(config, bridge: AsyncEngine, grace_s: float):
     return GracefulServer(config)
 
 
+def serve_follower(engine: Engine, server_args: ServerArgs) -> None:
+    """A multi-host follower: run rank 0's steps; answer only ``GET /health``.
+
+    It listens on ``--port`` + its rank, so hosts sharing one machine (tests) don't clash.
+    """
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    port = server_args.port + engine.args.node_rank
+    health = http.server.ThreadingHTTPServer((server_args.host, port), Health)
+    threading.Thread(target=health.serve_forever, daemon=True).start()
+    try:
+        engine.follow()
+    finally:
+        health.shutdown()
+
+
 def run_server(engine_args: EngineArgs, server_args: ServerArgs,
-               progress: Callable[[int, int], None] | None = None,
+               progress: Callable[[int, int, tuple], None] | None = None,
                engine: Engine | None = None) -> None:
     """Load, warm up, serve until SIGTERM / SIGINT; returns after a graceful shutdown."""
     import uvicorn
@@ -130,6 +155,9 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs,
     previous = signal.signal(signal.SIGTERM, _exit_quietly)
     try:
         engine = engine or Engine(engine_args)
+        if engine.is_follower:
+            serve_follower(engine, server_args)
+            return
         if not server_args.skip_server_warmup:
             n = engine.warmup(progress=progress)
             log.info("warmup compiled %d step shapes", n)
@@ -144,6 +172,7 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs,
         # no-op handler in place, that re-raise does nothing and we return normally.
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
         server.run()
+        engine.shutdown()  # multi-host: release the followers
         if not server.started:
             raise OSError(f"could not serve on {server_args.host}:{server_args.port} "
                           "(is the port in use?)")

@@ -71,6 +71,7 @@ class EngineStats:
     kv_pages_held_by_requests: int = 0
     prefix_cache_pages: int = 0
     cache_hit_rate: float = 0.0
+    compiles_after_warmup: int = 0  # executables built while serving: should stay 0
 
     @property
     def kv_usage(self) -> float:
@@ -321,7 +322,8 @@ class AsyncEngine:
             num_running=len(running), num_waiting=len(eng.scheduler.waiting),
             kv_pages_used=eng.pool.num_used, kv_pages_total=eng.pool.capacity,
             kv_pages_held_by_requests=len(held), prefix_cache_pages=cache.num_pages,
-            cache_hit_rate=cache.hit_rate() if hasattr(cache, "hit_rate") else 0.0)
+            cache_hit_rate=cache.hit_rate() if hasattr(cache, "hit_rate") else 0.0,
+            compiles_after_warmup=eng.compiles_since_warmup())
 
 
 def _put_all(items: list[tuple[RequestHandle, Delta]]) -> None:

@@ -39,6 +39,8 @@ class ServerMetrics:
         gauge("sgljax:kv_pages_total", "KV cache pages in the pool.", lambda s: s.kv_pages_total)
         gauge("sgljax:kv_pages_held_by_requests", "KV pages owned by running sequences.",
               lambda s: s.kv_pages_held_by_requests)
+        gauge("sgljax:compiles_after_warmup", "Executables compiled while serving (should be 0).",
+              lambda s: s.compiles_after_warmup)
         gauge("sgljax:cache_hit_rate", "Prompt tokens served from the prefix cache / all.",
               lambda s: s.cache_hit_rate)
 

@@ -83,8 +83,11 @@ async def _generate_events(handle: RequestHandle, states: dict[str, ChoiceState]
 # -- information and control ------------------------------------------------------------------
 @router.get("/health")
 async def health(request: Request):
-    if not _ctx(request).bridge.alive:
+    bridge = _ctx(request).bridge
+    if not bridge.alive:
         raise APIError(503, "the engine is not running", code="server_unavailable")
+    if not bridge.engine.healthy:
+        raise APIError(503, "a host of this multi-host engine was lost", code="server_unavailable")
     return Response(status_code=200)
 
 
@@ -109,6 +112,7 @@ async def server_info(request: Request):
     return {**dataclasses.asdict(ctx.engine_args), **server,
             "served_model_name": ctx.model_name,
             "context_length": ctx.limits.context_length,
+            "buckets": ctx.bridge.engine.plan.describe(),
             "internal_states": {**dataclasses.asdict(stats), "kv_usage": stats.kv_usage,
                                 "num_queued": ctx.bridge.num_queued()}}
 
