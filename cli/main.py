@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sgljax.cli import generate
+from sgljax.cli import convert, generate
 
 app = typer.Typer(
     name="sgljax",
@@ -19,7 +19,7 @@ def main() -> None:
     """sgljax: serve Qwen and Llama models with JAX, locally or on TPU slices."""
 
 
-for module in (generate,):
+for module in (generate, convert):
     module.register(app)
 
 
