@@ -57,7 +57,7 @@ def looks_like_conversion(path: str | Path) -> bool:
     """True when a folder is, or was meant to be, a converted model (complete or not)."""
     path = Path(path)
     return (path.name.endswith(PARTIAL_SUFFIX) or (path / COMMIT_FILE).exists()
-            or (path / MANIFEST_FILE).exists() or (path / CHECKPOINT_DIR).exists())
+            or (path / MANIFEST_FILE).exists())
 
 
 def require_converted(path: str | Path) -> dict:

@@ -95,7 +95,8 @@ def engine_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], kv_heads:
         yield f"layers.{name}", _stack_layers(cfg, fetch, name, kv_heads, dtype)
     yield "final_norm", fetch("model.norm.weight").astype(dtype, copy=False)
     if not cfg.tie_word_embeddings:
-        yield "lm_head", np.ascontiguousarray(fetch("lm_head.weight").astype(dtype, copy=False).T)
+        # A transposed view: whoever places it on device makes the one contiguous copy.
+        yield "lm_head", fetch("lm_head.weight").astype(dtype, copy=False).T
 
 
 def _stack_layers(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], name: str,
@@ -134,7 +135,10 @@ def safetensors_getter(folder: Path) -> Callable[[str], np.ndarray]:
     def get(name: str) -> np.ndarray:
         if name not in where:
             raise WeightsError(f"{folder}: tensor {name} is missing")
-        # "flax" reads bfloat16 too (numpy has no bfloat16 of its own).
+        with safe_open(where[name], framework="numpy") as h:
+            if h.get_slice(name).get_dtype() != "BF16":
+                return h.get_tensor(name)  # one copy; the "flax" path below makes two
+        # numpy has no bfloat16 of its own: "flax" reads it (as ml_dtypes.bfloat16).
         with safe_open(where[name], framework="flax") as h:
             return np.asarray(h.get_tensor(name))
 
