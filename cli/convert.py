@@ -24,6 +24,11 @@ def convert(
 ) -> None:
     """Convert SOURCE once into an Orbax checkpoint in the engine's layout, plus what serving needs."""
     with user_errors():
+        import logging
+
+        # Orbax logs its own failures (with tracebacks, from worker threads) through absl;
+        # the one-line error below says what happened.
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
         from rich.console import Console
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                    TimeRemainingColumn, TransferSpeedColumn)

@@ -20,6 +20,7 @@ single ordinary checkpoint), so only one stacked tensor is in memory at once.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -38,6 +39,7 @@ STATE_DIR = "state"  # where Orbax's v1 layout puts the saved tree
 ORBAX_COMMIT_FILE = "commit_success.txt"
 FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
+RESTORE_GROUP_BYTES = 512 << 20
 
 
 class CheckpointError(ValueError):
@@ -197,13 +199,35 @@ def restore_into(path: str | Path, cfg: ModelConfig, flat_state: dict, mesh,
             raise CheckpointError(f"{path}: {name} has shape {tuple(stored[name]['shape'])} in "
                                   f"the checkpoint, config.json expects {shape}")
         targets[name] = jax.ShapeDtypeStruct(shape, want.dtype, sharding=sharding)
-    restored = ocp.StandardCheckpointer().restore(path / CHECKPOINT_DIR / STATE_DIR,
-                                                  _nest(targets))
-    for name, array in _flatten(restored).items():
-        if name in repeat:
-            array = _repeat_kv_heads(array, stored_kv, kv_heads, cfg.head_dim, repeat[name])
-        flat_state[keys[name]].set_value(array)
+    reader = ocp.PyTreeCheckpointer()
+    for group in _groups(targets):
+        tree = _nest(group)
+        args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(
+            sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), tree)
+        restored = reader.restore(path / CHECKPOINT_DIR / STATE_DIR, args=ocp.args.PyTreeRestore(
+            item=tree, restore_args=args, partial_restore=True))
+        for name, array in _flatten(restored).items():
+            if name in repeat:
+                array = _repeat_kv_heads(array, stored_kv, kv_heads, cfg.head_dim, repeat[name])
+            flat_state[keys[name]].set_value(array)
     return manifest
+
+
+def _groups(targets: dict[str, jax.ShapeDtypeStruct]) -> list[dict]:
+    """Targets in groups of about RESTORE_GROUP_BYTES (a bigger tensor goes alone).
+
+    One restore call for a whole 1.1 GB model peaked ~0.5 GB higher than groups of
+    512 MiB, and the reader kept that memory afterwards; groups cost little time.
+    """
+    groups, current, size = [], {}, 0
+    for name, t in targets.items():
+        nbytes = math.prod(t.shape) * jnp.dtype(t.dtype).itemsize
+        if current and size + nbytes > RESTORE_GROUP_BYTES:
+            groups.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    return groups + [current] if current else groups
 
 
 def checkpoint_bytes(path: str | Path) -> int:

@@ -161,9 +161,9 @@ def _output_lock(output: Path, wait: bool) -> Iterator[None]:
         except BlockingIOError:
             raise ConvertError(f"another sgljax convert is writing {output}") from None
         yield
+    finally:
         with contextlib.suppress(OSError):
             lock_path.unlink()
-    finally:
         os.close(fd)
 
 
@@ -182,9 +182,10 @@ def _check_output(output: Path, source: Source, force: bool) -> None:
 
 def _check_disk(parent: Path, need: int) -> None:
     free = shutil.disk_usage(parent).free
-    if free < need + (64 << 20):
-        raise ConvertError(f"not enough disk space in {parent}: the checkpoint needs about "
-                           f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+    need += 64 << 20  # headroom: tokenizer files, metadata
+    if free < need:
+        raise ConvertError(f"not enough disk space in {parent}: the conversion needs about "
+                           f"{need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free")
 
 
 def _is_disk_full(e: BaseException | None) -> bool:
