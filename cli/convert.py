@@ -9,7 +9,7 @@ import typer
 
 from sgljax.cli.errors import user_errors
 
-PHASES = {"hashing": "hashing source", "converting": "converting"}
+PHASES = {"hashing": "hashing source", "tokenizer": "tokenizer, config", "converting": "converting"}
 
 
 def convert(

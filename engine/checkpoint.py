@@ -132,12 +132,11 @@ class CheckpointWriter:
         from orbax.checkpoint.experimental.v1 import partial
 
         self._partial = partial
-        self._context = _saving_context
         self.directory = Path(directory)
         self.tensors: dict[str, dict] = {}
 
     def add(self, name: str, array: jax.Array) -> None:
-        with self._context():
+        with _saving_context():
             self._partial.save(self.directory, _nest({name: array}))
         self.tensors[name] = {"shape": list(array.shape), "dtype": str(array.dtype)}
 
@@ -228,12 +227,6 @@ def _groups(targets: dict[str, jax.ShapeDtypeStruct]) -> list[dict]:
         current[name] = t
         size += nbytes
     return groups + [current] if current else groups
-
-
-def checkpoint_bytes(path: str | Path) -> int:
-    """Bytes on disk under the checkpoint folder (for reports)."""
-    root = Path(path) / CHECKPOINT_DIR
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
 __all__ = ["CheckpointError", "CheckpointWriter", "is_converted", "looks_like_conversion",

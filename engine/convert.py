@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from sgljax.engine import checkpoint
-from sgljax.engine.config import ModelConfig, ModelConfigError
+from sgljax.engine.config import ModelConfig
 from sgljax.engine.mesh import make_mesh
 from sgljax.engine.params import abstract_model, divisible_sharding, kv_heads_for, param_shardings
 from sgljax.engine.weights import (WeightsError, engine_tensors, expected_shapes, gguf_getter,
@@ -171,11 +171,11 @@ def _check_output(output: Path, source: Source, force: bool) -> None:
     src, out = source.path.resolve(), output.resolve()
     if src.is_relative_to(out):
         raise ConvertError(f"{output}: the output must not be the source or hold it")
-    if not output.exists():
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return
     if not force:
         raise ConvertError(f"{output} already exists (pass --force to overwrite it)")
-    if output.is_file() or (any(output.iterdir()) and not checkpoint.looks_like_conversion(output)):
+    if output.is_file() or not checkpoint.looks_like_conversion(output):
         raise ConvertError(f"{output} exists and is not a converted sgljax model; "
                            "refusing to overwrite it even with --force")
 
@@ -230,6 +230,8 @@ def convert_model(source: str | Path, output: str | Path, *, dtype: str = "float
     """
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if tp_size < 1:
+        raise ConvertError(f"--tp-size must be at least 1, not {tp_size}")
     src = open_source(source, label)
     cfg = ModelConfig.from_hf_dict(src.config)
     kv_heads_for(cfg, tp_size)  # the model must split over the TP it is converted for
@@ -262,7 +264,11 @@ def _write(src: Source, cfg: ModelConfig, out: Path, jdtype, np_dtype, tp_size: 
     t0 = time.perf_counter()
     root = src.path if src.kind == "hf" else src.path.parent
     records = file_records(src.files, root, progress)
+    if progress:
+        progress("tokenizer", 0, 1)
     src.write_serving_files(out)
+    if progress:
+        progress("tokenizer", 1, 1)
     # Store the model's own KV heads (the TP=1 layout); restore repeats them for wider TP.
     # Shards follow TP=tp_size where that many devices are visible (one chunk per device).
     mesh = make_mesh(min(tp_size, len(jax.devices())))
@@ -318,4 +324,4 @@ def ensure_converted(source: Path, output: Path, label: str | None = None) -> Pa
     return output
 
 
-__all__ = ["ConvertError", "ModelConfigError", "convert_model", "ensure_converted", "open_source"]
+__all__ = ["ConvertError", "convert_model", "ensure_converted", "open_source"]

@@ -111,6 +111,12 @@ def test_manifest_describes_the_conversion(tiny_models, converted):
 def test_bfloat16_conversion_equals_bfloat16_load(tiny_models, tmp_path):
     out = tmp_path / "bf16"
     convert_model(tiny_models["llama"], out, dtype="bfloat16")
+    # Restored at the engine's dtype: bf16 weights read as float32 are the bf16 values.
+    mesh = make_mesh(1)
+    ref = load_model(str(tiny_models["llama"]), mesh, "bfloat16").model.layers.q_proj[...]
+    ours = load_model(str(out), mesh, "float32").model.layers.q_proj[...]
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref.astype(np.float32)))
     prompts = [[5, 6, 7, 8, 9]]
     ref = _greedy(_engine(tiny_models["llama"], dtype="bfloat16"), prompts, n=4)
     ours = _greedy(_engine(out, dtype="bfloat16"), prompts, n=4)
@@ -264,6 +270,7 @@ def test_errors_are_one_line(tiny_models, tmp_path):
     _one_error_line(_cli(tmp_path / "nothing", tmp_path / "o"), "does not exist")
     _one_error_line(_cli(src, tmp_path / "o", "--dtype", "float16"), "--dtype")
     _one_error_line(_cli(src, tmp_path / "o", "--tp-size", "3"), "tp=3")
+    _one_error_line(_cli(src, tmp_path / "o", "--tp-size", "0"), "--tp-size")
     bad = _copy_model(src, tmp_path / "arch", config_edit={"architectures": ["GPT2LMHeadModel"]})
     _one_error_line(_cli(bad, tmp_path / "o"), "unsupported architecture")
     bad = _copy_model(src, tmp_path / "missing", drop="mlp.up_proj")
@@ -287,6 +294,10 @@ def test_output_is_not_overwritten_without_force(tiny_models, tmp_path):
     (precious / "notes.txt").write_text("keep me")
     _one_error_line(_cli(tiny_models["llama"], precious, "--force"), "not a converted")
     assert (precious / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _cli(tiny_models["llama"], empty).exit_code == 0  # an empty folder is no conversion
+    assert checkpoint.is_converted(empty)
 
 
 def test_disk_full_removes_partial_output(tiny_models, tmp_path, monkeypatch):
