@@ -284,11 +284,12 @@ def test_errors_are_one_line(tiny_models, tmp_path):
 def test_output_is_not_overwritten_without_force(tiny_models, tmp_path):
     out = tmp_path / "o"
     assert _cli(tiny_models["llama"], out).exit_code == 0
-    first = (out / checkpoint.MANIFEST_FILE).read_text()
+    (out / "from-the-first-run").touch()
     _one_error_line(_cli(tiny_models["llama"], out), "already exists", "--force")
-    assert (out / checkpoint.MANIFEST_FILE).read_text() == first
+    assert (out / "from-the-first-run").exists()
     assert _cli(tiny_models["llama"], out, "--force").exit_code == 0
-    assert (out / checkpoint.MANIFEST_FILE).read_text() != first  # a new conversion
+    assert not (out / "from-the-first-run").exists()  # replaced by a new conversion
+    assert checkpoint.is_converted(out)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
