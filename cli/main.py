@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sgljax.cli import bench, generate, serve, up, warmup
+from sgljax.cli import bench, convert, generate, serve, up, warmup
 
 app = typer.Typer(
     name="sgljax",
@@ -19,7 +19,7 @@ def main() -> None:
     """sgljax: serve Qwen and Llama models with JAX, locally or on TPU slices."""
 
 
-for module in (generate, serve, warmup, up, bench):
+for module in (generate, serve, convert, warmup, up, bench):
     module.register(app)
 
 

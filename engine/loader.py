@@ -1,8 +1,9 @@
 """Find a model, read its config and tokenizer, and put its weights on the mesh.
 
-Accepted model paths: an HF folder (config.json + safetensors), a GGUF file,
-or nothing (the embedded default model, SmolLM2-135M-Instruct, prepared once
-into the local cache folder).
+Accepted model paths: an HF folder (config.json + safetensors), a folder made
+by ``sgljax convert`` (restored straight onto the mesh), a GGUF file, or nothing
+(the embedded default model, SmolLM2-135M-Instruct, converted once into the
+local cache folder).
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sgljax.engine import checkpoint
 from sgljax.engine.config import ModelConfig, ModelConfigError, rope_inv_freq
+from sgljax.engine.convert import ensure_converted
 from sgljax.engine.mesh import global_array
 from sgljax.engine.model import Decoder
+from sgljax.engine.params import abstract_model, kv_heads_for  # noqa: F401 (re-exported)
 from sgljax.engine.weights import WeightsError, engine_tensors, gguf_getter, safetensors_getter
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_NAMES = ("default", DEFAULT_MODEL, "smollm2-135m")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -85,8 +90,10 @@ def _hf_names(cfg: ModelConfig) -> list[str]:
 
 def resolve_model_path(model_path: str | None) -> Path:
     """A folder with config.json (preparing GGUF files and the default model first)."""
-    if model_path is None or model_path in ("default", DEFAULT_MODEL, "smollm2-135m"):
-        return prepare_gguf_folder(default_gguf(), cache_root() / "models" / DEFAULT_MODEL)
+    if model_path is None or model_path in DEFAULT_NAMES:
+        # Cached as a converted checkpoint: later starts restore it instead of re-reading weights.
+        return ensure_converted(default_gguf(), cache_root() / "models" / f"{DEFAULT_MODEL}-sgljax",
+                                label=DEFAULT_MODEL)
     path = Path(model_path).expanduser()
     if not path.exists():
         raise ModelNotFound(f"model path {model_path} does not exist")
@@ -94,6 +101,8 @@ def resolve_model_path(model_path: str | None) -> Path:
         return prepare_gguf_folder(path, cache_root() / "models" / path.stem)
     if path.is_file():
         raise ModelNotFound(f"{model_path}: expected a model folder or a .gguf file")
+    if checkpoint.looks_like_conversion(path):
+        checkpoint.require_converted(path)  # an interrupted conversion is never served
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"{model_path}: no config.json (not a model folder)")
     return path
@@ -106,24 +115,6 @@ class LoadedModel:
     model: Decoder
 
 
-def kv_heads_for(cfg: ModelConfig, tp: int) -> int:
-    """KV heads the engine stores: the model's, or replicated up to ``tp``."""
-    if cfg.num_heads % tp:
-        raise ModelConfigError(f"{cfg.num_heads} attention heads do not split over tp={tp}")
-    if cfg.num_kv_heads >= tp:
-        if cfg.num_kv_heads % tp:
-            raise ModelConfigError(f"{cfg.num_kv_heads} KV heads do not split over tp={tp}")
-        return cfg.num_kv_heads
-    if tp % cfg.num_kv_heads:
-        raise ModelConfigError(f"tp={tp} is not a multiple of {cfg.num_kv_heads} KV heads")
-    return tp
-
-
-def abstract_model(cfg: ModelConfig, mesh, dtype, kv_heads: int):
-    with jax.set_mesh(mesh):
-        return nnx.eval_shape(lambda: Decoder(cfg, kv_heads=kv_heads, dtype=dtype))
-
-
 def load_model(model_path: str | None, mesh, dtype: str = "float32") -> LoadedModel:
     path = resolve_model_path(model_path)
     cfg = ModelConfig.from_dir(path)
@@ -131,14 +122,17 @@ def load_model(model_path: str | None, mesh, dtype: str = "float32") -> LoadedMo
         raise ModelConfigError(f"dtype must be one of {', '.join(DTYPES)}")
     jdtype = DTYPES[dtype]
     kv_heads = kv_heads_for(cfg, mesh.shape["tp"])
-    get = safetensors_getter(path)
     graphdef, state = nnx.split(abstract_model(cfg, mesh, jdtype, kv_heads))
     flat = dict(nnx.to_flat_state(state))
-    np_dtype = np.float32 if dtype == "float32" else jnp.bfloat16
-    for name, array in engine_tensors(cfg, get, kv_heads, np_dtype):
-        var = flat[tuple(name.split("."))]
-        sharding = var.get_value().sharding
-        var.set_value(global_array(array, NamedSharding(mesh, sharding.spec)))
+    if checkpoint.is_converted(path):  # `sgljax convert` output: read onto this mesh directly
+        checkpoint.restore_into(path, cfg, flat, mesh, kv_heads)
+    else:
+        get = safetensors_getter(path)
+        np_dtype = np.float32 if dtype == "float32" else jnp.bfloat16
+        for name, array in engine_tensors(cfg, get, kv_heads, np_dtype):
+            var = flat[tuple(name.split("."))]
+            sharding = var.get_value().sharding
+            var.set_value(global_array(array, NamedSharding(mesh, sharding.spec)))
     inv = flat[("inv_freq",)]
     inv.set_value(global_array(rope_inv_freq(cfg), NamedSharding(mesh, P())))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -88,20 +88,31 @@ def engine_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], kv_heads:
             raise WeightsError(f"{name}: shape {tuple(arr.shape)}, config expects {shapes[name]}")
         return arr
 
-    yield "embed", fetch("model.embed_tokens.weight").astype(dtype)
+    # Arrays are yielded straight from expressions, never held in a local, so the
+    # generator keeps no reference: the consumer alone decides when one is freed.
+    yield "embed", fetch("model.embed_tokens.weight").astype(dtype, copy=False)
     for name in layer_tensor_names(cfg):
-        hf_name, transpose = LAYER_TENSORS[name]
-        stacked = []
-        for i in range(cfg.num_layers):
-            w = fetch(f"model.layers.{i}.{hf_name}").astype(dtype)
-            w = w.T if transpose else w
-            if name in KV_HEAD_TENSORS:
-                w = replicate_kv_heads(w, cfg.num_kv_heads, kv_heads, cfg.head_dim)
-            stacked.append(w)
-        yield f"layers.{name}", np.stack(stacked)
-    yield "final_norm", fetch("model.norm.weight").astype(dtype)
+        yield f"layers.{name}", _stack_layers(cfg, fetch, name, kv_heads, dtype)
+    yield "final_norm", fetch("model.norm.weight").astype(dtype, copy=False)
     if not cfg.tie_word_embeddings:
-        yield "lm_head", np.ascontiguousarray(fetch("lm_head.weight").astype(dtype).T)
+        # A transposed view: whoever places it on device makes the one contiguous copy.
+        yield "lm_head", fetch("lm_head.weight").astype(dtype, copy=False).T
+
+
+def _stack_layers(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], name: str,
+                  kv_heads: int, dtype) -> np.ndarray:
+    """One engine parameter: every layer's tensor, filled into one preallocated array."""
+    hf_name, transpose = LAYER_TENSORS[name]
+    stacked = None
+    for i in range(cfg.num_layers):
+        w = fetch(f"model.layers.{i}.{hf_name}").astype(dtype, copy=False)
+        w = w.T if transpose else w
+        if name in KV_HEAD_TENSORS:
+            w = replicate_kv_heads(w, cfg.num_kv_heads, kv_heads, cfg.head_dim)
+        if stacked is None:  # np.stack of a list would hold every layer twice
+            stacked = np.empty((cfg.num_layers, *w.shape), dtype=w.dtype)
+        stacked[i] = w
+    return stacked
 
 
 # -- safetensors -------------------------------------------------------------
@@ -124,10 +135,14 @@ def safetensors_getter(folder: Path) -> Callable[[str], np.ndarray]:
     def get(name: str) -> np.ndarray:
         if name not in where:
             raise WeightsError(f"{folder}: tensor {name} is missing")
-        # "flax" reads bfloat16 too (numpy has no bfloat16 of its own).
+        with safe_open(where[name], framework="numpy") as h:
+            if h.get_slice(name).get_dtype() != "BF16":
+                return h.get_tensor(name)  # one copy; the "flax" path below makes two
+        # numpy has no bfloat16 of its own: "flax" reads it (as ml_dtypes.bfloat16).
         with safe_open(where[name], framework="flax") as h:
             return np.asarray(h.get_tensor(name))
 
+    get.names = frozenset(where)  # what the folder holds, to name every missing tensor at once
     return get
 
 
@@ -206,4 +221,5 @@ def gguf_getter(path: Path) -> tuple[dict, Callable[[str], np.ndarray]]:
             w = _unpermute(w, config["num_key_value_heads"])
         return w
 
+    get.names = frozenset(hf for hf, g in hf_to_gguf.items() if g in tensors)
     return config, get
