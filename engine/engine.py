@@ -92,7 +92,7 @@ class Engine:
             addr = channel_address(args.dist_init_addr)
             if args.node_rank == 0:
                 self._leader = Leader(addr, args.nnodes, on_lost=self._mark_unhealthy)
-                self.runner.broadcast = lambda flat: self._leader.send("step", flat)
+                self.runner.broadcast = self._leader.send
             else:
                 self._follower = Follower(addr, args.node_rank)
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -116,8 +116,10 @@ class Engine:
                 return
             if kind == "warm":
                 self.runner.warmed_up = True
-                continue
-            self.runner.execute(*unflatten_step(arrays))
+            elif kind == "compile":
+                self.runner.compile_only(*unflatten_step(arrays)[:2])
+            else:
+                self.runner.execute(*unflatten_step(arrays))
 
     def shutdown(self) -> None:
         """Release the followers (rank 0); a no-op on one host."""

@@ -56,9 +56,9 @@ class ModelRunner:
         kv_sharding = self.k_cache.sharding
         self._step = jax.jit(partial(_step, graphdef, self.page_size), donate_argnums=(1, 2),
                              out_shardings=((replicated,) * 4, kv_sharding, kv_sharding))
-        self.broadcast = None  # set on multi-host rank 0: sends each step to the followers
+        self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers
         self._zero_adjust: dict[int, LogitAdjust] = {}
-        self.seen_shapes: set[tuple] = set()
+        self._executables: dict[tuple, object] = {}
         self.warmed_up = False
         self.compiles_after_warmup = 0
 
@@ -146,24 +146,35 @@ class ModelRunner:
                 adjust: LogitAdjust | None) -> StepOutput:
         """Run one packed step. On multi-host rank 0, first send it to the other ranks."""
         if self.broadcast is not None:
-            self.broadcast(flatten_step(batch, sbatch, adjust))
-        self._note_shape(batch)
-        S = batch.tokens.shape[0]
-        adj = self._inactive_adjust(S) if adjust is None else self._replicated(adjust)
-        with jax.set_mesh(self.mesh):
-            out, self.k_cache, self.v_cache = self._step(
-                self.state, self.k_cache, self.v_cache, batch, sbatch, adj)
+            self.broadcast("step", flatten_step(batch, sbatch, adjust))
+        adj = self._device_adjust(batch, adjust)
+        exe = self._executable(batch, sbatch, adj)
+        out, self.k_cache, self.v_cache = exe(self.state, self.k_cache, self.v_cache, batch,
+                                              sbatch, adj)
         tokens, logprobs, top_ids, top_vals = (to_host(x) for x in out)
         return StepOutput(tokens, logprobs, top_ids, top_vals)
 
-    def _note_shape(self, batch: StepBatch) -> None:
+    def _device_adjust(self, batch: StepBatch, adjust: LogitAdjust | None) -> LogitAdjust:
+        S = batch.tokens.shape[0]
+        return self._inactive_adjust(S) if adjust is None else self._replicated(adjust)
+
+    def _executable(self, batch: StepBatch, sbatch: SamplingBatch, adj: LogitAdjust):
+        """The compiled step for this batch's bucket, compiled ahead of time on first sight.
+
+        Keeping the executables ourselves means warmup only compiles (or loads from the
+        persistent cache), never runs, and serving never traces.
+        """
         key = (batch.tokens.shape, batch.page_table.shape)
-        if key in self.seen_shapes:
-            return
-        self.seen_shapes.add(key)
-        if self.warmed_up:
-            self.compiles_after_warmup += 1
-            log.warning("compiling a new step shape after warmup: %s", key)
+        exe = self._executables.get(key)
+        if exe is None:
+            if self.warmed_up:
+                self.compiles_after_warmup += 1
+                log.warning("compiling a new step shape after warmup: %s", key)
+            with jax.set_mesh(self.mesh):
+                exe = self._step.lower(self.state, self.k_cache, self.v_cache, batch, sbatch,
+                                       adj).compile()
+            self._executables[key] = exe
+        return exe
 
     def warmup_shape(self, S: int, Q: int, P: int) -> float:
         """Compile (or load from the persistent cache) one bucket; returns seconds."""
@@ -173,8 +184,13 @@ class ModelRunner:
         sbatch = SamplingBatch(np.zeros(S, np.float32), z(S), np.ones(S, np.float32),
                                np.zeros(S, np.float32), np.zeros(S, np.uint32), z(S),
                                np.asarray(True))
-        self.execute(batch, sbatch, None)
+        self.compile_only(batch, sbatch)
         return time.perf_counter() - t0
+
+    def compile_only(self, batch: StepBatch, sbatch: SamplingBatch) -> None:
+        if self.broadcast is not None:  # multi-host: every rank compiles the same bucket
+            self.broadcast("compile", flatten_step(batch, sbatch, None))
+        self._executable(batch, sbatch, self._device_adjust(batch, None))
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -398,3 +398,27 @@ def test_unknown_route_and_method(http):
     assert r.status_code == 404 and "error" in r.json()
     r = http.get(CMPL)
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_second_long_prompt_is_served_from_the_prefix_cache(client):
+    """Issue 4: the repeat reports cached_tokens >= its length minus one page; TTFT is printed."""
+    import time
+
+    prompt = " ".join(f"word{i}" for i in range(90))  # ~200 tokens, not page-aligned
+    results = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True})
+        ttft, usage = None, None
+        for chunk in stream:
+            if ttft is None and chunk.choices and chunk.choices[0].text:
+                ttft = time.perf_counter() - t0
+            usage = chunk.usage or usage
+        results.append((ttft, usage))
+    (ttft1, u1), (ttft2, u2) = results
+    print(f"TTFT cold {ttft1 * 1000:.0f} ms, cached {ttft2 * 1000:.0f} ms "
+          f"({u2.prompt_tokens_details.cached_tokens}/{u2.prompt_tokens} prompt tokens cached)")
+    assert u2.prompt_tokens == u1.prompt_tokens > 150
+    assert u2.prompt_tokens_details.cached_tokens >= u2.prompt_tokens - 16

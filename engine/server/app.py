@@ -67,7 +67,7 @@ def build_app(engine_args: EngineArgs, server_args: ServerArgs,
     bridge: AsyncEngine | None = None
     metrics = ServerMetrics(name, lambda: bridge.stats)
     bridge = AsyncEngine(engine, metrics, server_args.max_queued_requests)
-    served = {name}
+    served = {name, "default"}  # "default": clients that don't know the name still work
     if engine_args.model_path:
         served.add(engine_args.model_path)
     ctx = ServerContext(bridge=bridge, tokenizer=Tokenizer(engine.model_path),

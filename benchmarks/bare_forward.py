@@ -1,0 +1,63 @@
+"""The in-run reference: a bare jitted decode forward of the served model, no engine.
+
+    python benchmarks/bare_forward.py --batch 1 16 64
+
+Same weights and layer scan as the engine, but no KV cache, no attention, no
+sampling, no scheduler: embed → 30 × (norm, q/k/v/o, MLP) → logits. The
+engine's decode step is compared against this ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sgljax.engine.layers import rms_norm, swiglu_mlp
+from sgljax.engine.loader import load_model
+from sgljax.engine.mesh import make_mesh
+
+
+def bare_step(model, tokens):
+    cfg = model.cfg
+    h = model.embed[...][tokens]
+    w = {k: v[...] for k, v in vars(model.layers).items() if isinstance(v, nnx.Param)}
+
+    def layer(h, w):
+        x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
+        q, k, v = x @ w["q_proj"], x @ w["k_proj"], x @ w["v_proj"]
+        h = h + (q + jnp.tile(k + v, q.shape[-1] // k.shape[-1])) @ w["o_proj"]
+        x = rms_norm(h, w["post_attn_norm"], cfg.rms_norm_eps)
+        return h + swiglu_mlp(x, w["gate_proj"], w["up_proj"], w["down_proj"]), None
+
+    h, _ = jax.lax.scan(layer, h, w)
+    h = rms_norm(h, model.final_norm[...], cfg.rms_norm_eps)
+    head = model.embed[...].T if cfg.tie_word_embeddings else model.lm_head[...]
+    return jnp.argmax(h @ head, axis=-1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-path", default=None)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+    model = load_model(args.model_path, make_mesh(1)).model
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda state, t: bare_step(nnx.merge(graphdef, state), t))
+    for bs in args.batch:
+        tokens = np.ones((bs,), np.int32)
+        jax.block_until_ready(step(state, tokens))
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            jax.block_until_ready(step(state, tokens))
+        ms = (time.perf_counter() - t0) / args.iters * 1000
+        print(f"bare forward batch {bs:3d}: {ms:6.1f} ms/step, {bs / ms * 1000:7.1f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
