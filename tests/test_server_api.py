@@ -404,7 +404,7 @@ def test_second_long_prompt_is_served_from_the_prefix_cache(client):
     """Issue 4: the repeat reports cached_tokens >= its length minus one page; TTFT is printed."""
     import time
 
-    prompt = " ".join(f"word{i}" for i in range(90))  # ~200 tokens, not page-aligned
+    prompt = " ".join(f"word{i}" for i in range(60))  # ~170 tokens, not page-aligned
     results = []
     for _ in range(2):
         t0 = time.perf_counter()
@@ -420,5 +420,5 @@ def test_second_long_prompt_is_served_from_the_prefix_cache(client):
     (ttft1, u1), (ttft2, u2) = results
     print(f"TTFT cold {ttft1 * 1000:.0f} ms, cached {ttft2 * 1000:.0f} ms "
           f"({u2.prompt_tokens_details.cached_tokens}/{u2.prompt_tokens} prompt tokens cached)")
-    assert u2.prompt_tokens == u1.prompt_tokens > 150
+    assert u2.prompt_tokens == u1.prompt_tokens > 100
     assert u2.prompt_tokens_details.cached_tokens >= u2.prompt_tokens - 16

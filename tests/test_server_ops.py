@@ -20,6 +20,7 @@ def server(tiny_models):
     # One sequence at a time and one in the queue: easy to overload on purpose.
     args = [a for a in TINY_SERVER_ARGS]
     args[args.index("--max-running-requests") + 1] = "1"
+    args[args.index("--context-length") + 1] = "1024"  # room for a request that outlasts the checks
     srv = ServerProcess(tiny_models["qwen3"], *args, "--api-key", KEY,
                         "--max-queued-requests", "1", "--graceful-shutdown-timeout", "2")
     yield srv
@@ -32,8 +33,8 @@ def _state(url: str) -> dict:
 
 def _long_stream(url: str, started: threading.Event, lines: list[str],
                  hang_up: threading.Event | None = None):
-    # Sampling (not greedy) is slow on CPU, so this request outlasts the test's checks.
-    body = {"prompt": "A long story", "max_tokens": 230, "temperature": 1.0, "ignore_eos": True,
+    # 1,000 sampled tokens: this request outlasts the test's checks (the test hangs up).
+    body = {"prompt": "A long story", "max_tokens": 1000, "temperature": 1.0, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH,
                       timeout=120) as r:
