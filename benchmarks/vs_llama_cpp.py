@@ -82,9 +82,11 @@ def build_server(src: Path, jobs: int) -> Path:
 
 
 def default_model_dir() -> Path:
-    """The HF folder sgljax prepares for its default model (made on first use)."""
-    code = ("from sgljax.engine.loader import resolve_model_path; "
-            "print(resolve_model_path(None))")
+    """An HF folder (config, tokenizer, float32 safetensors) of the default model, made
+    from the same GGUF sgljax serves (convert_hf_to_gguf.py needs safetensors)."""
+    code = ("from sgljax.engine.loader import cache_root, default_gguf, prepare_gguf_folder; "
+            "print(prepare_gguf_folder(default_gguf(), "
+            "cache_root() / 'models' / 'SmolLM2-135M-Instruct'))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
