@@ -50,6 +50,18 @@ NodeRank = Annotated[int, typer.Option("--node-rank", help="This host's rank (0 
 DistInitAddr = Annotated[Optional[str], typer.Option(
     "--dist-init-addr", help="HOST:PORT of rank 0's JAX coordinator (the next port is also used).")]
 
+Device = Annotated[str, typer.Option(
+    "--device", help="auto, cpu, tpu, gpu, or proxy (Pathways: one controller drives the "
+                     "whole slice through an IFRT proxy; same as --controller pathways).")]
+Controller = Annotated[str, typer.Option(
+    "--controller", help="multi (one process per host) or pathways (same as --device proxy).")]
+PathwaysProxyAddr = Annotated[Optional[str], typer.Option(
+    "--pathways-proxy-addr", envvar="JAX_BACKEND_TARGET",
+    help="Pathways IFRT proxy, e.g. grpc://localhost:29000 (default: $JAX_BACKEND_TARGET).")]
+DiscoveryTimeout = Annotated[float, typer.Option(
+    "--device-discovery-timeout",
+    help="Seconds to wait for the Pathways proxy's devices before exiting (0: no bound).")]
+
 ENGINE_DEFAULTS = EngineArgs()
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from sgljax.cli import engine_options as eo
 from sgljax.cli.errors import user_errors
 
 
@@ -23,6 +24,10 @@ def generate(
     dtype: str = typer.Option("float32", "--dtype"),
     tp_size: int = typer.Option(1, "--tp-size"),
     context_length: int = typer.Option(4096, "--context-length"),
+    device: eo.Device = "auto",
+    controller: eo.Controller = "multi",
+    pathways_proxy_addr: eo.PathwaysProxyAddr = None,
+    device_discovery_timeout: eo.DiscoveryTimeout = 60.0,
 ) -> None:
     """Generate completions for PROMPTS with the engine's Python API."""
     with user_errors():
@@ -31,7 +36,10 @@ def generate(
 
         t0 = time.perf_counter()
         engine = Engine(model_path=model_path, dtype=dtype, tp_size=tp_size,
-                        context_length=context_length, max_running_requests=16)
+                        context_length=context_length, max_running_requests=16,
+                        device=device, controller=controller,
+                        pathways_proxy_addr=pathways_proxy_addr,
+                        device_discovery_timeout=device_discovery_timeout)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed)
         inputs = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}])

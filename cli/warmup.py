@@ -60,6 +60,10 @@ def warmup(
     nnodes: eo.NNodes = 1,
     node_rank: eo.NodeRank = 0,
     dist_init_addr: eo.DistInitAddr = None,
+    device: eo.Device = "auto",
+    controller: eo.Controller = "multi",
+    pathways_proxy_addr: eo.PathwaysProxyAddr = None,
+    device_discovery_timeout: eo.DiscoveryTimeout = 60.0,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
 ) -> None:
     """Compile every shape bucket the server will use, into the persistent cache."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import psutil
+
+DEVICES = ("auto", "cpu", "tpu", "gpu", "proxy")
+CONTROLLERS = ("multi", "pathways")
 
 @dataclass
 class EngineArgs:
@@ -28,6 +32,38 @@ class EngineArgs:
     dist_init_addr: str | None = None  # HOST:PORT of rank 0's JAX coordinator
     enable_compilation_cache: bool = True
     compilation_cache_dir: str | None = None  # None → $JAX_COMPILATION_CACHE_DIR or ~/.cache/sgljax/jax-cache
+    # Backend. device "proxy" == controller "pathways": one controller drives the whole
+    # slice through a Pathways IFRT proxy (engine/pathways.py).
+    device: str = "auto"  # auto | cpu | tpu | gpu | proxy
+    controller: str = "multi"  # multi (one process per host) | pathways
+    pathways_proxy_addr: str | None = None  # None → $JAX_BACKEND_TARGET
+    device_discovery_timeout: float = 60.0  # seconds to find the proxy's devices; 0 → no bound
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"--controller must be one of {', '.join(CONTROLLERS)}, "
+                             f"not {self.controller!r}")
+        # Pathways on Cloud sets JAX_PLATFORMS=proxy for its users: honour it under "auto".
+        if self.device == "auto" and "proxy" in os.environ.get("JAX_PLATFORMS", "").split(","):
+            self.device = "proxy"
+        if self.controller == "pathways":
+            if self.device not in ("auto", "proxy"):
+                raise ValueError(f"--controller pathways runs on the proxy device, "
+                                 f"not --device {self.device}")
+            self.device = "proxy"
+        elif self.device == "proxy":
+            self.controller = "pathways"
+        if self.pathways and self.nnodes > 1:
+            raise ValueError("Pathways mode (--device proxy / --controller pathways) runs one "
+                             f"controller for the whole slice: drop --nnodes {self.nnodes}")
+        if self.device_discovery_timeout < 0:
+            raise ValueError("--device-discovery-timeout must be >= 0 (0 waits without a bound)")
+
+    @property
+    def pathways(self) -> bool:
+        return self.controller == "pathways"
 
     def resolve_num_pages(self, bytes_per_page: int, max_pages_per_seq: int) -> int:
         """Pages in the KV pool (page 0 is reserved as the padding sink)."""

@@ -19,6 +19,7 @@ from sgljax.engine.loader import load_model
 from sgljax.engine.mesh import make_mesh
 from sgljax.engine.distributed import Follower, Leader, channel_address, init_distributed
 from sgljax.engine.model_runner import ModelRunner, unflatten_step
+from sgljax.engine.pathways import init_backend
 from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import SamplingParams
@@ -52,7 +53,11 @@ class RequestOutput:
 class Engine:
     def __init__(self, args: EngineArgs | None = None, **kwargs):
         self.args = args = args or EngineArgs(**kwargs)
-        if args.enable_compilation_cache:
+        # Before anything touches devices; in Pathways mode the proxy keeps its own
+        # compilation cache (pathwaysutils turns JAX's off).
+        pathways = init_backend(args.device, args.pathways_proxy_addr,
+                                args.device_discovery_timeout)
+        if args.enable_compilation_cache and not pathways:
             enable_persistent_cache(args.compilation_cache_dir)
         self.compile_stats = watch_compilations()
         self.healthy = True
