@@ -142,4 +142,10 @@ def init_backend(device: str, pathways_proxy_addr: str | None = None,
     if device != "auto":
         import jax
         jax.config.update("jax_platforms", device)
+        try:
+            jax.devices()
+        except RuntimeError as e:  # e.g. --device tpu where libtpu is missing
+            detail = str(e).split(" (set JAX_PLATFORMS")[0]
+            raise ValueError(
+                f"--device {device}: no usable {device} backend here ({detail})") from None
     return False

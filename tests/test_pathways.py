@@ -5,6 +5,7 @@ engine, that the default path stays untouched, and that a missing proxy ends
 the process with one plain line instead of JAX's endless device discovery.
 """
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -150,6 +151,12 @@ def test_bad_backend_settings_are_clear(kwargs, message, monkeypatch):
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
         EngineArgs(**kwargs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="a TPU runtime is here")
+def test_missing_local_platform_is_one_line():
+    out, _ = _run_cli(["generate", "hi", "--device", "tpu"], _env())
+    _assert_one_error_line(out, "--device tpu: no usable tpu backend")
 
 
 def test_cli_rejects_pathways_with_nnodes():
