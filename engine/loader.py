@@ -116,8 +116,8 @@ class LoadedModel:
     path: Path
     config: ModelConfig
     model: Decoder
-    # Weight bytes this process read from safetensors (its devices' shards only), and the
-    # size of the tensors it read them from; None for converted folders (Orbax reads those).
+    # Weight bytes this process read (its devices' shards, from safetensors or, for converted
+    # folders, as TensorStore counts them) and the size of all the weights.
     bytes_read: int | None = None
     bytes_total: int | None = None
 
@@ -131,9 +131,11 @@ def load_model(model_path: str | None, mesh, dtype: str = "float32") -> LoadedMo
     kv_heads = kv_heads_for(cfg, mesh.shape["tp"])
     graphdef, state = nnx.split(abstract_model(cfg, mesh, jdtype, kv_heads))
     flat = dict(nnx.to_flat_state(state))
-    bytes_read = bytes_total = None
     if checkpoint.is_converted(path):  # `sgljax convert` output: read onto this mesh directly
-        checkpoint.restore_into(path, cfg, flat, mesh, kv_heads)
+        before = checkpoint.tensorstore_bytes_read()
+        manifest = checkpoint.restore_into(path, cfg, flat, mesh, kv_heads)
+        bytes_read = checkpoint.tensorstore_bytes_read() - before
+        bytes_total = int(manifest["bytes"])
     else:
         bytes_read, bytes_total = _read_shards(path, cfg, flat, mesh, kv_heads, dtype)
     inv = flat[("inv_freq",)]
@@ -157,6 +159,7 @@ def _read_shards(path: Path, cfg: ModelConfig, flat: dict, mesh, kv_heads: int,
             shape = tuple(var.get_value().shape)
             var.set_value(jax.make_array_from_callback(
                 shape, sharding, reader.callback(name, shape)))
+            source.release()
         total = sum(source.nbytes(n) for n in expected_shapes(cfg))
         log.info("read %.1f MiB of %.1f MiB of weights (this process's shards)",
                  source.bytes_read / 2**20, total / 2**20)

@@ -40,40 +40,48 @@ Index = tuple[slice, ...]
 class SafetensorsSlices:
     """Read parts of named tensors from a folder of safetensors files, counting the bytes.
 
-    Files stay open (memory-mapped by safetensors) until ``close``; use as a context manager.
+    Files are opened (memory-mapped by safetensors) when first read and stay open
+    until ``release``: the loader releases them after each parameter, since the
+    mapped pages it touched count in the process's resident memory while mapped.
     """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise WeightsError(f"{folder}: no *.safetensors weights")
         self.folder = folder
-        self._handles = {f: safe_open(f, framework="numpy") for f in files}
+        self._handles: dict[Path, object] = {}
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self._where = {k: folder / v for k, v in weight_map.items()}
         else:
-            self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
+            self._where = {k: f for f in files for k in self._open(f).keys()}
         self.bytes_read = 0
 
     def __enter__(self) -> SafetensorsSlices:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.release()
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Unmap every open file (reads after this reopen them)."""
         for h in self._handles.values():
             h.__exit__(None, None, None)
         self._handles.clear()
 
+    def _open(self, file: Path):
+        if file not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[file] = safe_open(file, framework="numpy")
+        return self._handles[file]
+
     def _slice(self, name: str):
         if name not in self._where:
             raise WeightsError(f"{self.folder}: tensor {name} is missing")
-        return self._handles[self._where[name]].get_slice(name)
+        return self._open(self._where[name]).get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())

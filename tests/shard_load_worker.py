@@ -1,5 +1,7 @@
 """One host of a two-host load (run by test_shard_reads.py): load, then check this host's shards.
 
+Usage: shard_load_worker.py MODEL RANK PORT [HF_FOLDER]. MODEL is an HF folder or a
+converted one; HF_FOLDER (default MODEL) is the source the shards are compared with.
 Prints one line ``RESULT {json}``: the bytes this host read, what each parameter's
 source tensors weigh and whether it is split over hosts, and whether every local
 shard equals the same part of the whole-tensor read (the pre-slicing loader).
@@ -8,6 +10,7 @@ shard equals the same part of the whole-tensor read (the pre-slicing loader).
 import json
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,6 +23,7 @@ from sgljax.engine.params import kv_heads_for, param_shardings
 from sgljax.engine.weights import LAYER_TENSORS, engine_tensors, expected_shapes, safetensors_getter
 
 model, rank, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+reference = sys.argv[4] if len(sys.argv) > 4 else model
 init_distributed(f"127.0.0.1:{port}", 2, rank)
 mesh = make_mesh(4)
 t0 = time.perf_counter()
@@ -30,7 +34,8 @@ flat = dict(nnx.to_flat_state(nnx.state(loaded.model)))
 kv_heads = kv_heads_for(cfg, 4)
 
 mismatched = []
-for name, full in engine_tensors(cfg, safetensors_getter(loaded.path), kv_heads, np.float32):
+for name, full in engine_tensors(cfg, safetensors_getter(Path(reference)), kv_heads,
+                                   np.float32):
     array = flat[tuple(name.split("."))].get_value()
     for shard in array.addressable_shards:
         if not np.array_equal(np.asarray(shard.data), full[shard.index]):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sgljax.engine import checkpoint
+from sgljax.engine.convert import convert_model
 from sgljax.engine.loader import load_model
 from sgljax.engine.mesh import make_mesh
 from sgljax.engine.params import kv_heads_for
@@ -73,12 +75,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_hosts_each_read_about_half(tiny_models):
-    """tp=4 over two processes of 2 CPU devices: each reads half of every split tensor plus
-    the replicated ones, and its shards equal the whole-tensor read exactly."""
+def _two_hosts(model, reference=None):
+    """Run the load worker on two processes of 2 CPU devices each; their RESULT dicts."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, WORKER, str(tiny_models["qwen3"]), str(r), str(port)],
+    args = [str(model)] + ([str(reference)] if reference else [])
+    procs = [subprocess.Popen([sys.executable, WORKER, args[0], str(r), str(port), *args[1:]],
                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for r in (0, 1)]
     try:
@@ -88,20 +90,65 @@ def test_two_hosts_each_read_about_half(tiny_models):
             assert p.returncode == 0, err[-2000:]
             results.append(json.loads(next(l for l in out.splitlines()
                                            if l.startswith("RESULT "))[7:]))
+        return results
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for r in results:
+
+
+def _split_and_replicated(result):
+    params = result["params"]
+    split = sum(p["source_bytes"] for p in params.values() if p["split"])
+    replicated = sum(p["source_bytes"] for p in params.values() if not p["split"])
+    kv = sum(params[f"layers.{n}"]["source_bytes"] for n in ("k_proj", "v_proj"))
+    return split, replicated, kv
+
+
+def test_two_hosts_each_read_about_half(tiny_models):
+    """tp=4 over two processes of 2 CPU devices: each reads half of every split tensor plus
+    the replicated ones, and its shards equal the whole-tensor read exactly."""
+    for r in _two_hosts(tiny_models["qwen3"]):
         assert r["local_devices"] == 2
         assert r["mismatched"] == []
-        params = r["params"]
-        split = sum(p["source_bytes"] for p in params.values() if p["split"])
-        replicated = sum(p["source_bytes"] for p in params.values() if not p["split"])
+        split, replicated, kv = _split_and_replicated(r)
+        assert r["bytes_total"] == split + replicated
         # The tiny model has 2 KV heads and tp=4 repeats them: both of a host's devices hold
         # a copy of the same source head, and each reads it (see engine/shard_reads.py).
-        kv = sum(params[f"layers.{n}"]["source_bytes"] for n in ("k_proj", "v_proj"))
-        assert r["bytes_total"] == split + replicated
         assert split / 2 + replicated <= r["bytes_read"] <= split / 2 + replicated + kv / 2
         assert r["bytes_read"] < 0.55 * r["bytes_total"]
+
+
+def test_two_hosts_restore_only_their_chunks(tiny_models, tmp_path):
+    """A checkpoint converted at tp=4 holds 4 chunks per split tensor: each host's restore
+    reads (as TensorStore counts) about half, and its shards equal the HF folder's."""
+    out = tmp_path / "converted"
+    convert_model(tiny_models["qwen3"], out, tp_size=4)
+    for r in _two_hosts(out, reference=tiny_models["qwen3"]):
+        assert r["mismatched"] == []
+        split, replicated, kv = _split_and_replicated(r)
+        assert r["bytes_total"] == split + replicated
+        # Stored KV heads (2) are fewer than tp: restore reads them whole and repeats them.
+        # Slack for Orbax's metadata and the OCDBT manifests.
+        assert split / 2 + replicated <= r["bytes_read"] <= split / 2 + replicated + kv + (1 << 20)
+        assert r["bytes_read"] < 0.55 * r["bytes_total"]
+
+
+def test_convert_writes_tp_chunks_without_that_many_devices(tiny_models, tmp_path):
+    """`sgljax convert --tp-size 4` in a process with one CPU device still writes every split
+    tensor in 4 chunks along its TP axis (what lets each host read only its part)."""
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "converted"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    proc = subprocess.run([sys.executable, "-m", "sgljax.cli.main", "convert",
+                           str(tiny_models["qwen3"]), str(out), "--tp-size", "4"],
+                          env=env, text=True, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = ocp.PyTreeCheckpointer().metadata(out / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_DIR)
+    tree = meta.item_metadata.tree
+    assert tree["embed"].storage.chunk_shape == (151680 // 4, 64)
+    assert tree["lm_head"].storage.chunk_shape == (64, 151680 // 4)
+    assert tree["layers"]["q_proj"].storage.chunk_shape[-1] == 128 // 4
+    assert tree["layers"]["down_proj"].storage.chunk_shape[1] == 128 // 4
