@@ -19,7 +19,9 @@ def convert(
                                             "renamed when complete)."),
     dtype: str = typer.Option("float32", "--dtype", help="bfloat16 | float32"),
     tp_size: int = typer.Option(1, "--tp-size", help="Check the model splits over this TP and "
-                                                     "write its shards in that split."),
+                                                     "write its shards in that split (a "
+                                                     "multi-host restore reads only its hosts' "
+                                                     "shards: use a multiple of the hosts)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing converted OUTPUT."),
 ) -> None:
     """Convert SOURCE once into an Orbax checkpoint in the engine's layout, plus what serving needs."""
@@ -33,8 +35,12 @@ def convert(
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                    TimeRemainingColumn, TransferSpeedColumn)
 
-        from sgljax.engine.convert import convert_model
+        from sgljax.engine.convert import convert_model, request_cpu_devices
         from sgljax.engine.loader import DEFAULT_MODEL, DEFAULT_NAMES, default_gguf
+
+        # Before anything starts JAX: the checkpoint is written in tp_size chunks per tensor
+        # (so a multi-host restore reads only its part), one per CPU device.
+        request_cpu_devices(tp_size)
 
         label = None
         if source in DEFAULT_NAMES:

@@ -212,6 +212,20 @@ def restore_into(path: str | Path, cfg: ModelConfig, flat_state: dict, mesh,
     return manifest
 
 
+def tensorstore_bytes_read() -> int:
+    """Bytes TensorStore has read from storage in this process so far (all kvstore drivers).
+
+    The restore passes each parameter's target sharding, so TensorStore reads only
+    the stored chunks that overlap this process's devices; the difference of this
+    counter around a restore shows how much that was.
+    """
+    import tensorstore as ts
+
+    return sum(int(v.get("value", 0))
+               for m in ts.experimental_collect_matching_metrics("/tensorstore/kvstore/")
+               if m.get("name", "").endswith("/bytes_read") for v in m.get("values", []))
+
+
 def _groups(targets: dict[str, jax.ShapeDtypeStruct]) -> list[dict]:
     """Targets in groups of about RESTORE_GROUP_BYTES (a bigger tensor goes alone).
 
@@ -230,4 +244,4 @@ def _groups(targets: dict[str, jax.ShapeDtypeStruct]) -> list[dict]:
 
 
 __all__ = ["CheckpointError", "CheckpointWriter", "is_converted", "looks_like_conversion",
-           "require_converted", "restore_into", "write_commit_marker"]
+           "require_converted", "restore_into", "tensorstore_bytes_read", "write_commit_marker"]

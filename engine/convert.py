@@ -220,6 +220,28 @@ def _missing_tensors(cfg: ModelConfig, source: Source) -> None:
                            f"{', '.join(missing[:5])}{more}")
 
 
+def request_cpu_devices(n: int) -> bool:
+    """Ask JAX for ``n`` CPU devices, so a conversion can write n chunks per tensor anywhere.
+
+    Only possible before JAX starts its backends (call it first thing). Returns whether
+    n are there; when not, the conversion uses the CPU devices there are (fewer, larger
+    chunks: still correct, only read more coarsely by a multi-host restore).
+    """
+    if n > 1:
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:  # JAX refuses the setting once its backends exist
+            pass
+    return len(_conversion_devices()) >= n
+
+
+def _conversion_devices() -> list:
+    try:
+        return jax.local_devices(backend="cpu")
+    except RuntimeError:  # JAX_PLATFORMS leaves the CPU backend out
+        return jax.local_devices()
+
+
 def convert_model(source: str | Path, output: str | Path, *, dtype: str = "float32",
                   tp_size: int = 1, force: bool = False, progress: Progress | None = None,
                   label: str | None = None, _locked: bool = False) -> dict:
@@ -270,8 +292,12 @@ def _write(src: Source, cfg: ModelConfig, out: Path, jdtype, np_dtype, tp_size: 
     if progress:
         progress("tokenizer", 1, 1)
     # Store the model's own KV heads (the TP=1 layout); restore repeats them for wider TP.
-    # Shards follow TP=tp_size where that many devices are visible (one chunk per device).
-    mesh = make_mesh(min(tp_size, len(jax.devices())))
+    # Each tensor is written in tp_size chunks along its TP axis (one per device), as far as
+    # there are CPU devices: a restore reads only the chunks its process's devices overlap,
+    # so on N hosts each reads about 1/N when tp_size is a multiple of N. CPU devices, since
+    # writing needs no accelerator and ``request_cpu_devices`` can make enough of them.
+    devices = _conversion_devices()
+    mesh = make_mesh(min(tp_size, len(devices)), devices=devices)
     _, state = nnx.split(abstract_model(cfg, mesh, jdtype, cfg.num_kv_heads))
     shardings = param_shardings(dict(nnx.to_flat_state(state)), mesh)
 

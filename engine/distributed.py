@@ -11,8 +11,8 @@ naming it, instead of hanging in a collective.
 from __future__ import annotations
 
 import json
-import logging
 import os
+import queue
 import socket
 import struct
 import sys
@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 
-log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 LOST_AFTER_S = 10.0
@@ -78,8 +77,10 @@ def _recv_msg(sock: socket.socket) -> tuple[str, dict[str, np.ndarray]]:
 
 
 def _die(message: str) -> None:
-    log.error(message)
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # One line straight to stderr (no logging: the process may be racing JAX's own abort,
+    # and a log handler on stderr would print it twice).
+    sys.stderr.flush()
+    os.write(2, f"error: {message}\n".encode())
     os._exit(1)  # a collective may be stuck in C++: only a hard exit is bounded
 
 
@@ -136,9 +137,20 @@ class Leader:
 
 
 class Follower:
-    """A follower's end: receives steps from rank 0, answers with heartbeats."""
+    """A follower's end: receives steps from rank 0, answers with heartbeats.
 
-    def __init__(self, addr: tuple[str, int], rank: int, connect_timeout_s: float = 120):
+    A reader thread owns the receiving side, even while the main thread is inside a
+    device step, so a leader that dies is noticed the moment its socket closes (the
+    kernel closes a killed process's sockets). That matters: rank 0 also hosts JAX's
+    coordination service, whose client aborts this process a few milliseconds after
+    losing it (with a message about "the leader task"), and a Python callback for
+    that (``missed_heartbeat_callback``) cannot be used in jaxlib 0.10.2 (calling
+    it fails with std::bad_cast). Exiting first is how the user gets our line.
+    """
+
+    def __init__(self, addr: tuple[str, int], rank: int, connect_timeout_s: float = 120,
+                 leader: str | None = None):
+        self.leader = leader or f"{addr[0]}:{addr[1]}"  # how the user named rank 0
         deadline = time.monotonic() + connect_timeout_s
         while True:
             try:
@@ -146,30 +158,55 @@ class Follower:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    _die(f"rank 0 at {addr[0]}:{addr[1]} did not answer within "
+                    _die(f"rank 0 at {self.leader} did not answer within "
                          f"{connect_timeout_s} s")
                 time.sleep(0.2)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._lock = threading.Lock()
+        self._steps: queue.Queue = queue.Queue()
+        self._released = threading.Event()  # rank 0 said "shutdown": its going away is expected
         _send_msg(self.sock, "hello", {"rank": np.asarray([rank], np.int32)})
         self.sock.settimeout(LOST_AFTER_S)
+        # The reader must get the GIL at once when the leader's socket closes, to print
+        # before JAX's abort does: hand the GIL over after 0.1 ms, not the default 5 ms
+        # (the other threads here sleep almost always, so this costs nothing).
+        sys.setswitchinterval(1e-4)
+        threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._heartbeat, daemon=True).start()
 
+    def _lost(self, why: str) -> None:
+        if not self._released.is_set():
+            _die(f"lost rank 0 (the leader at {self.leader} {why}); exiting")
+
+    def _read(self) -> None:
+        try:
+            while True:
+                kind, arrays = _recv_msg(self.sock)
+                if kind == "heartbeat":
+                    continue
+                if kind == "shutdown":
+                    self._released.set()
+                self._steps.put((kind, arrays))
+                if kind == "shutdown":
+                    return
+        except TimeoutError:
+            self._lost(f"sent nothing for {LOST_AFTER_S:.0f} s")
+        except ConnectionError:
+            self._lost("closed the connection: it stopped or was killed")
+        except (OSError, ValueError) as e:
+            self._lost(f"failed: {type(e).__name__}: {e}")
+
     def _heartbeat(self) -> None:
-        while True:
+        while not self._released.is_set():
             time.sleep(HEARTBEAT_S)
             try:
                 with self._lock:
                     _send_msg(self.sock, "heartbeat")
             except OSError as e:
-                _die(f"lost rank 0 ({e}); shutting down")
+                self._lost(f"stopped taking heartbeats: {e}")
+                return
 
     def recv(self) -> tuple[str, dict[str, np.ndarray]]:
-        """The next step (heartbeats are skipped); exits when rank 0 is gone."""
-        while True:
-            try:
-                kind, arrays = _recv_msg(self.sock)
-            except (OSError, ConnectionError, ValueError) as e:
-                _die(f"lost rank 0 ({type(e).__name__}: {e}); shutting down")
-            if kind != "heartbeat":
-                return kind, arrays
+        """The next step rank 0 sent (the process exits if rank 0 is lost first)."""
+        return self._steps.get()
+

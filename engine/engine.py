@@ -99,7 +99,7 @@ class Engine:
                 self._leader = Leader(addr, args.nnodes, on_lost=self._mark_unhealthy)
                 self.runner.broadcast = self._leader.send
             else:
-                self._follower = Follower(addr, args.node_rank)
+                self._follower = Follower(addr, args.node_rank, leader=args.dist_init_addr)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._rng = random.Random(args.random_seed)
         log.info("KV pool: %d pages of %d tokens; buckets: %s", kv_spec.num_pages, ps,

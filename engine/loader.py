@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,8 +27,12 @@ from sgljax.engine.config import ModelConfig, ModelConfigError, rope_inv_freq
 from sgljax.engine.convert import ensure_converted
 from sgljax.engine.mesh import global_array
 from sgljax.engine.model import Decoder
-from sgljax.engine.params import abstract_model, kv_heads_for  # noqa: F401 (re-exported)
-from sgljax.engine.weights import WeightsError, engine_tensors, gguf_getter, safetensors_getter
+from sgljax.engine.params import (abstract_model, kv_heads_for,  # noqa: F401 (re-exported)
+                                  param_shardings)
+from sgljax.engine.shard_reads import SafetensorsSlices, ShardReader
+from sgljax.engine.weights import WeightsError, expected_shapes, gguf_getter
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_NAMES = ("default", DEFAULT_MODEL, "smollm2-135m")
@@ -83,8 +88,6 @@ def prepare_gguf_folder(gguf_path: Path, out: Path) -> Path:
 
 
 def _hf_names(cfg: ModelConfig) -> list[str]:
-    from sgljax.engine.weights import expected_shapes
-
     return list(expected_shapes(cfg))
 
 
@@ -113,6 +116,10 @@ class LoadedModel:
     path: Path
     config: ModelConfig
     model: Decoder
+    # Weight bytes this process read (its devices' shards, from safetensors or, for converted
+    # folders, as TensorStore counts them) and the size of all the weights.
+    bytes_read: int | None = None
+    bytes_total: int | None = None
 
 
 def load_model(model_path: str | None, mesh, dtype: str = "float32") -> LoadedModel:
@@ -125,18 +132,38 @@ def load_model(model_path: str | None, mesh, dtype: str = "float32") -> LoadedMo
     graphdef, state = nnx.split(abstract_model(cfg, mesh, jdtype, kv_heads))
     flat = dict(nnx.to_flat_state(state))
     if checkpoint.is_converted(path):  # `sgljax convert` output: read onto this mesh directly
-        checkpoint.restore_into(path, cfg, flat, mesh, kv_heads)
+        before = checkpoint.tensorstore_bytes_read()
+        manifest = checkpoint.restore_into(path, cfg, flat, mesh, kv_heads)
+        bytes_read = checkpoint.tensorstore_bytes_read() - before
+        bytes_total = int(manifest["bytes"])
     else:
-        get = safetensors_getter(path)
-        np_dtype = np.float32 if dtype == "float32" else jnp.bfloat16
-        for name, array in engine_tensors(cfg, get, kv_heads, np_dtype):
-            var = flat[tuple(name.split("."))]
-            sharding = var.get_value().sharding
-            var.set_value(global_array(array, NamedSharding(mesh, sharding.spec)))
+        bytes_read, bytes_total = _read_shards(path, cfg, flat, mesh, kv_heads, dtype)
     inv = flat[("inv_freq",)]
     inv.set_value(global_array(rope_inv_freq(cfg), NamedSharding(mesh, P())))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    return LoadedModel(path, cfg, model)
+    return LoadedModel(path, cfg, model, bytes_read, bytes_total)
+
+
+def _read_shards(path: Path, cfg: ModelConfig, flat: dict, mesh, kv_heads: int,
+                 dtype: str) -> tuple[int, int]:
+    """Fill every parameter from an HF folder, each process reading only its devices' slices.
+
+    Returns (bytes read, bytes of the source tensors).
+    """
+    np_dtype = np.float32 if dtype == "float32" else jnp.bfloat16
+    with SafetensorsSlices(path) as source:
+        source.check(cfg)
+        reader = ShardReader(cfg, source, kv_heads, np_dtype)
+        for name, sharding in param_shardings(flat, mesh).items():
+            var = flat[tuple(name.split("."))]
+            shape = tuple(var.get_value().shape)
+            var.set_value(jax.make_array_from_callback(
+                shape, sharding, reader.callback(name, shape)))
+            source.release()
+        total = sum(source.nbytes(n) for n in expected_shapes(cfg))
+        log.info("read %.1f MiB of %.1f MiB of weights (this process's shards)",
+                 source.bytes_read / 2**20, total / 2**20)
+        return source.bytes_read, total
 
 
 __all__ = ["LoadedModel", "ModelNotFound", "WeightsError", "load_model", "resolve_model_path"]

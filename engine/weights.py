@@ -197,6 +197,13 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_getter(path: Path) -> tuple[dict, Callable[[str], np.ndarray]]:
+    """GGUF tensors, dequantized to float32, each read whole.
+
+    No per-slice reads here: quantized blocks pack many values behind shared scales
+    and llama.cpp permutes q/k rows, so a slice is no byte range of the file. The
+    loader serves GGUF through the f32 safetensors folder prepared from it once,
+    whose tensors it does read by the slice (engine/shard_reads.py).
+    """
     import gguf
 
     reader = gguf.GGUFReader(str(path))
