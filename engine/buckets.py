@@ -1,8 +1,11 @@
 """Shape buckets: every device step is padded to one of a few shapes.
 
 A step's shape is (sequences S, query tokens Q, pages per sequence P). Decode
-steps have Q = 1; prefill steps have Q from the token paddings. Warmup
-compiles every bucket, so a running server never meets a new shape.
+steps have Q = 1; prefill steps have Q from the token paddings. P is always
+the context length's page count: attention stops at the longest sequence's
+last page (kernels/paged_attention.py), so a longer table costs nothing and
+one P serves every length. Warmup compiles every bucket, so a running server
+never meets a new shape.
 """
 
 from __future__ import annotations
@@ -32,15 +35,13 @@ class BucketPlan:
     decode_batch: tuple[int, ...]  # S for decode steps
     prefill_batch: tuple[int, ...]  # S for prefill steps
     prefill_tokens: tuple[int, ...]  # Q for prefill steps
-    pages: tuple[int, ...]  # P for decode steps
-    prefill_pages: tuple[int, ...]  # P for prefill steps: coarser, prefill is compute-bound
+    pages: int  # P: pages per sequence in every step's page table
     page_size: int = 16
 
     @classmethod
     def plan(cls, *, max_running: int, max_prefill_seqs: int, chunked_prefill_size: int,
              max_pages_per_seq: int, page_size: int, bs_paddings: list[int] | None = None,
              token_paddings: list[int] | None = None) -> "BucketPlan":
-        pages = powers_of_two(min(4, max_pages_per_seq), max_pages_per_seq)
         decode = sorted(set(bs_paddings)) if bs_paddings else powers_of_two(1, max_running)
         if decode[-1] < max_running:
             raise ValueError(f"--precompile-bs-paddings must reach --max-running-requests "
@@ -51,8 +52,7 @@ class BucketPlan:
             decode_batch=tuple(decode),
             prefill_batch=tuple(powers_of_two(1, max_prefill_seqs)),
             prefill_tokens=tuple(tokens),
-            pages=tuple(pages),
-            prefill_pages=tuple(sorted(set(pages[::2]) | {pages[-1]})),
+            pages=max_pages_per_seq,
             page_size=page_size,
         )
 
@@ -68,24 +68,20 @@ class BucketPlan:
         return S * Q <= self.prefill_area
 
     def shape_for(self, is_prefill: bool, num_seqs: int, max_tokens: int, max_pages: int):
+        if max_pages > self.pages:
+            raise ValueError(f"{max_pages} pages exceed the context's {self.pages}")
         if is_prefill:
             return (pick(list(self.prefill_batch), num_seqs),
-                    pick(list(self.prefill_tokens), max_tokens),
-                    pick(list(self.prefill_pages), max_pages))
-        return pick(list(self.decode_batch), num_seqs), 1, pick(list(self.pages), max_pages)
+                    pick(list(self.prefill_tokens), max_tokens), self.pages)
+        return pick(list(self.decode_batch), num_seqs), 1, self.pages
 
     def all_shapes(self) -> list[tuple[bool, int, int, int]]:
-        shapes = [(False, s, 1, p) for s in self.decode_batch for p in self.pages]
-        # A chunk fills more than half its Q bucket (or Q is the smallest), so it needs
-        # at least that many tokens of pages: smaller P never occurs with that Q.
-        q_min = min(self.prefill_tokens)
-        shapes += [(True, s, q, p) for s in self.prefill_batch for q in self.prefill_tokens
-                   for p in self.prefill_pages if s * q <= self.prefill_area
-                   and (q == q_min or p * self.page_size * 2 >= q)]
+        shapes = [(False, s, 1, self.pages) for s in self.decode_batch]
+        shapes += [(True, s, q, self.pages) for s in self.prefill_batch
+                   for q in self.prefill_tokens if s * q <= self.prefill_area]
         return shapes
 
     def describe(self) -> str:
         return (f"decode batch {list(self.decode_batch)}, prefill batch "
                 f"{list(self.prefill_batch)} x tokens {list(self.prefill_tokens)}, "
-                f"pages/seq {list(self.pages)} (prefill {list(self.prefill_pages)}); "
-                f"{len(self.all_shapes())} shapes")
+                f"{self.pages} pages/seq; {len(self.all_shapes())} shapes")

@@ -1,9 +1,15 @@
-"""Attention over a paged KV cache: the pure-JAX reference every platform runs.
+"""Attention over a paged KV cache, in pure JAX: every platform runs it.
 
 The cache of one layer is a flat array of token slots, ``(num_slots, kv_heads,
 head_dim)``, where slot ``page * page_size + offset`` holds one token. A
-sequence owns a list of pages (its row of ``page_table``). Only the pages a
-sequence owns are gathered, never the whole cache.
+sequence owns a list of pages (its row of ``page_table``).
+
+``paged_attention`` walks the page table a block of pages at a time with an
+online softmax, and stops after the block holding the longest sequence's last
+token. So the page table can be padded to the context length at no cost (one
+shape for every length, few compiles), and each block's gathered keys and
+values are small enough to stay in cache while they are used.
+``paged_attention_reference`` is the one-shot version it is tested against.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 MASK_VALUE = -1e30  # finite, so padded rows with nothing to attend to stay NaN-free
+BLOCK_PAGES = 4  # pages per block; 64 tokens at page size 16 measured fastest on CPU
 
 
 def gather_pages(cache: jax.Array, layer: jax.Array, page_table: jax.Array,
@@ -25,6 +32,12 @@ def gather_pages(cache: jax.Array, layer: jax.Array, page_table: jax.Array,
     return cache[layer, slot_ids]
 
 
+def _visible(key_pos: jax.Array, positions: jax.Array, kv_lens: jax.Array) -> jax.Array:
+    """(S, Q, T) mask: causal within the sequence and inside its written tokens."""
+    return ((key_pos[None, None, :] <= positions[:, :, None])
+            & (key_pos[None, None, :] < kv_lens[:, None, None]))
+
+
 def paged_attention(
     q: jax.Array,  # (S, Q, H, D) queries, already rotated
     k_cache: jax.Array,  # (L, num_slots, KV, D) keys, this step's already written
@@ -34,7 +47,43 @@ def paged_attention(
     positions: jax.Array,  # (S, Q) absolute position of each query token
     kv_lens: jax.Array,  # (S,) tokens in the cache for each sequence
     page_size: int,
+    block_pages: int = BLOCK_PAGES,
 ) -> jax.Array:
+    s, qn, h, d = q.shape
+    kvh = k_cache.shape[2]
+    group = h // kvh
+    block_tokens = block_pages * page_size
+    table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % block_pages)))
+    num_blocks = (jnp.max(kv_lens) + block_tokens - 1) // block_tokens
+    qg = (q * (1.0 / jnp.sqrt(jnp.float32(d))).astype(q.dtype)).reshape(s, qn, kvh, group, d)
+
+    def block(b, carry):
+        running_max, denom, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(table, b * block_pages, block_pages, axis=1)
+        k = gather_pages(k_cache, layer, pages, page_size)  # (S, block_tokens, KV, D)
+        v = gather_pages(v_cache, layer, pages, page_size)
+        scores = jnp.einsum("sqkgd,stkd->skgqt", qg, k, preferred_element_type=jnp.float32)
+        visible = _visible(b * block_tokens + jnp.arange(block_tokens), positions, kv_lens)
+        scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+        new_max = jnp.maximum(running_max, scores.max(-1))
+        probs = jnp.exp(scores - new_max[..., None])
+        rescale = jnp.exp(running_max - new_max)
+        denom = denom * rescale + probs.sum(-1)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "skgqt,stkd->skgqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return new_max, denom, acc
+
+    init = (jnp.full((s, kvh, group, qn), MASK_VALUE, jnp.float32),
+            jnp.zeros((s, kvh, group, qn), jnp.float32),
+            jnp.zeros((s, kvh, group, qn, d), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(0, num_blocks, block, init)
+    out = acc / denom[..., None]  # every query sees at least itself, so denom > 0
+    return out.transpose(0, 3, 1, 2, 4).reshape(s, qn, h, d).astype(q.dtype)
+
+
+def paged_attention_reference(q, k_cache, v_cache, layer, page_table, positions, kv_lens,
+                              page_size: int) -> jax.Array:
+    """All pages at once: gather (S, P * page_size) keys, one softmax."""
     s, qn, h, d = q.shape
     kvh = k_cache.shape[2]
     group = h // kvh
@@ -43,9 +92,8 @@ def paged_attention(
     qg = q.reshape(s, qn, kvh, group, d)
     scores = jnp.einsum("sqkgd,stkd->skgqt", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
-    t = jnp.arange(k.shape[1])
-    visible = (t[None, None, :] <= positions[:, :, None]) & (t[None, None, :] < kv_lens[:, None, None])
-    scores = jnp.where(visible[:, None, None, :, :], scores, MASK_VALUE)
+    visible = _visible(jnp.arange(k.shape[1]), positions, kv_lens)
+    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("skgqt,stkd->sqkgd", probs, v)
     return out.reshape(s, qn, h, d)
