@@ -40,6 +40,10 @@ class ExecutableCache:
         self.rank = jax.process_index()
         self.dir = Path(cache_dir) / "sgljax-executables" / f"rank{self.rank}"
         self._context = _context(mesh)
+        # The executable runs on exactly the mesh's devices, in the mesh's order (as JAX's
+        # device assignment has them); the default, every device of the backend, fails to
+        # run a program compiled for fewer.
+        self._devices = list(mesh.devices.flat)
         self.hits = 0  # loaded from this rank's files
         self.jax_hits = 0  # not in our files, but JAX's persistent cache had it (rank 0 only)
         self.compiled = 0  # really compiled by XLA here (and then stored)
@@ -91,8 +95,9 @@ class ExecutableCache:
                 raise ValueError("checksum mismatch (truncated or corrupt)")
             # The pytree structures are not stored: this process's lowering has them.
             in_tree = jax.tree_util.tree_flatten(lowered.args_info)[1]
-            return serialize_executable.deserialize_and_load(zlib.decompress(payload), in_tree,
-                                                             lowered.out_tree)
+            return serialize_executable.deserialize_and_load(
+                zlib.decompress(payload), in_tree, lowered.out_tree,
+                execution_devices=self._devices)
         except Exception as e:  # noqa: BLE001 - any bad entry means: drop it and compile
             log.warning("dropping unusable cached executable %s (%s: %s): compiling", path,
                         type(e).__name__, e)

@@ -12,10 +12,13 @@ from sgljax.engine.sampling import SamplingParams
 
 model, rank, port, prompts_json, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 cache_dir = sys.argv[6] if len(sys.argv) > 6 else None
-extra = dict(compilation_cache_dir=cache_dir, precompile_bs_paddings=[4], max_prefill_seqs=1) if cache_dir else {}
-engine = Engine(model_path=model, tp_size=4, nnodes=2, node_rank=rank,
+settings = dict(model_path=model, tp_size=4, nnodes=2, node_rank=rank,
                 dist_init_addr=f"127.0.0.1:{port}", page_size=4, chunked_prefill_size=16,
-                max_running_requests=4, context_length=128, max_total_tokens=1024, **extra)
+                max_running_requests=4, context_length=128, max_total_tokens=1024)
+if cache_dir:  # few buckets: the test compiles them all, twice over two hosts
+    settings.update(compilation_cache_dir=cache_dir, precompile_bs_paddings=[4],
+                    max_prefill_seqs=1, context_length=64)
+engine = Engine(**settings)
 
 
 def print_cache_figures():
