@@ -154,3 +154,21 @@ def test_other_devices_never_share_a_key(tmp_path):
     mesh_b, lowered_b, _ = _lowered(2.0, devices[1:2])
     assert ExecutableCache(tmp_path, mesh_a).key(lowered_a) != ExecutableCache(
         tmp_path, mesh_b).key(lowered_b)
+
+
+def test_pool_size_from_free_memory_survives_small_drift(monkeypatch):
+    """The KV pool's size is in every step's shape: a restart must not change it needlessly."""
+    from types import SimpleNamespace
+
+    from sgljax.engine import args as args_mod
+
+    def pages_with(available):
+        monkeypatch.setattr(args_mod.psutil, "virtual_memory",
+                            lambda: SimpleNamespace(available=available))
+        return args_mod.EngineArgs(max_running_requests=64).resolve_num_pages(737280, 256)
+
+    base = 12_874_371_072  # free bytes seen on one start of the default model here
+    sizes = {pages_with(int(base * f)) for f in (0.97, 0.99, 1.0, 1.01, 1.03)}
+    assert len(sizes) == 1, sizes
+    exact = int(base * 0.25 // 737280) + 1
+    assert exact * 0.875 <= sizes.pop() <= exact
