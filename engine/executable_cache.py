@@ -13,6 +13,7 @@ broken cache costs time, never a crash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -48,6 +49,7 @@ class ExecutableCache:
         self.jax_hits = 0  # not in our files, but JAX's persistent cache had it (rank 0 only)
         self.compiled = 0  # really compiled by XLA here (and then stored)
         self._lock = threading.Lock()  # counters only: a bucket is built by one thread
+        self._store_failed = False
 
     @property
     def misses(self) -> int:
@@ -112,8 +114,11 @@ class ExecutableCache:
             tmp.write_bytes(_MAGIC + hashlib.sha256(payload).digest() + payload)
             os.replace(tmp, path)  # readers see the whole file or none
         except Exception as e:  # noqa: BLE001 - a cache that cannot write only costs time
-            log.warning("cannot store executable %s (%s: %s)", path, type(e).__name__, e)
-            tmp.unlink(missing_ok=True)
+            (log.debug if self._store_failed else log.warning)(
+                "cannot store executable %s (%s: %s)", path, type(e).__name__, e)
+            self._store_failed = True  # one warning, not one per bucket
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _on_jax_event(name: str, **_) -> None:

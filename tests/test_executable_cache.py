@@ -172,3 +172,17 @@ def test_pool_size_from_free_memory_survives_small_drift(monkeypatch):
     assert len(sizes) == 1, sizes
     exact = int(base * 0.25 // 737280) + 1
     assert exact * 0.875 <= sizes.pop() <= exact
+
+
+def test_an_unwritable_cache_only_costs_time(tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    mesh, lowered, f = _lowered(3.0)
+    cache = ExecutableCache(blocker, mesh)
+    with caplog.at_level(logging.WARNING, logger="sgljax.engine.executable_cache"):
+        exe = cache.load_or_compile(lowered)
+        cache.load_or_compile(_lowered(3.5)[1])
+    assert cache.compiled == 2
+    assert caplog.text.count("cannot store executable") == 1
+    x = jnp.ones(37, jnp.float32)
+    np.testing.assert_allclose(np.asarray(exe(x)), np.asarray(f(x)))
