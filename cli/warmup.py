@@ -35,12 +35,21 @@ def warmup_progress(quiet: bool = False):
 
 def warm_engine(engine, quiet: bool = False) -> dict:
     """Warm ``engine`` with a progress bar; returns the figures that prove it."""
-    stats = engine.compile_stats
-    misses0, hits0, t0 = stats.cache_misses, stats.cache_hits, time.perf_counter()
+    before, t0 = bucket_counts(engine), time.perf_counter()
     with warmup_progress(quiet) as step:
         n = engine.warmup(step)
+    after = bucket_counts(engine)
     return {"buckets": n, "seconds": round(time.perf_counter() - t0, 2),
-            "compiled": stats.cache_misses - misses0, "from_cache": stats.cache_hits - hits0}
+            "compiled": after[0] - before[0], "from_cache": after[1] - before[1]}
+
+
+def bucket_counts(engine) -> tuple[int, int]:
+    """(compiled, loaded from a cache) executables so far on this rank."""
+    cache = engine.runner.executable_cache
+    if cache is not None:  # this rank's executable files, or JAX's cache behind them
+        return cache.compiled, cache.hits + cache.jax_hits
+    stats = engine.compile_stats
+    return stats.compiles - stats.cache_hits, stats.cache_hits
 
 
 def warmup(
@@ -75,6 +84,9 @@ def warmup(
         engine = Engine(args)
         if engine.is_follower:  # rank 0 drives the warmup steps; this host runs them too
             engine.follow()
+            compiled, loaded = bucket_counts(engine)
+            typer.echo(f"rank {node_rank}: {loaded} buckets loaded from the cache, "
+                       f"{compiled} compiled")
             return
         if not as_json:
             typer.echo(f"buckets: {engine.plan.describe()}")

@@ -10,6 +10,17 @@ import psutil
 DEVICES = ("auto", "cpu", "tpu", "gpu", "proxy")
 CONTROLLERS = ("multi", "pathways")
 
+def coarse_floor(n: int) -> int:
+    """``n`` rounded down to one of eight steps per power of two (at most 12.5% less).
+
+    The pool size is part of every compiled step's shape. Free memory drifts between
+    starts; rounding it coarsely keeps a restart on the same shape, so it loads its
+    compiled buckets instead of compiling them all again.
+    """
+    step = 1 << max(0, n.bit_length() - 4)
+    return n // step * step
+
+
 @dataclass
 class EngineArgs:
     model_path: str | None = None  # None → the embedded SmolLM2-135M-Instruct
@@ -70,8 +81,11 @@ class EngineArgs:
         if self.max_total_tokens:
             pages = -(-self.max_total_tokens // self.page_size)
         else:
-            budget = psutil.virtual_memory().available * self.mem_fraction_static
-            pages = int(budget // bytes_per_page)
+            # From total memory, so a restart gets the same pool (and the same compiled
+            # shapes); free memory only caps it when the machine is short.
+            mem = psutil.virtual_memory()
+            budget = min(mem.total * self.mem_fraction_static, mem.available * 0.9)
+            pages = coarse_floor(int(budget // bytes_per_page))
             pages = min(pages, self.max_running_requests * max_pages_per_seq)
         if pages < max_pages_per_seq:
             raise ValueError(

@@ -17,6 +17,7 @@ from sgljax.engine.compile_cache import enable_persistent_cache, watch_compilati
 from sgljax.engine.kv_cache import KVCacheSpec, PagePool
 from sgljax.engine.loader import load_model
 from sgljax.engine.mesh import make_mesh
+from sgljax.engine.executable_cache import ExecutableCache
 from sgljax.engine.distributed import Follower, Leader, channel_address, init_distributed
 from sgljax.engine.model_runner import ModelRunner, unflatten_step
 from sgljax.engine.pathways import init_backend
@@ -57,8 +58,8 @@ class Engine:
         # compilation cache (pathwaysutils turns JAX's off).
         pathways = init_backend(args.device, args.pathways_proxy_addr,
                                 args.device_discovery_timeout)
-        if args.enable_compilation_cache and not pathways:
-            enable_persistent_cache(args.compilation_cache_dir)
+        cache_dir = (enable_persistent_cache(args.compilation_cache_dir)
+                     if args.enable_compilation_cache and not pathways else None)
         self.compile_stats = watch_compilations()
         self.healthy = True
         if args.nnodes > 1:
@@ -91,7 +92,8 @@ class Engine:
             page_size=ps, max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
             schedule_policy=args.schedule_policy), self.pool, self.prefix_cache, self.plan)
-        self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan)
+        self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan, executable_cache=(
+            ExecutableCache(cache_dir, self.mesh) if cache_dir is not None else None))
         self._leader = self._follower = None
         if args.nnodes > 1:
             addr = channel_address(args.dist_init_addr)
@@ -245,4 +247,5 @@ class Engine:
         """Executables built since ``warmup`` finished (0 when serving is healthy)."""
         if not self.runner.warmed_up:
             return 0
-        return self.compile_stats.compiles - self._compiles_at_warmup
+        return (self.compile_stats.compiles - self._compiles_at_warmup
+                + self.runner.loaded_after_warmup)

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgljax.engine.batch import LogitAdjust, SamplingBatch, StepBatch
 from sgljax.engine.buckets import BucketPlan
+from sgljax.engine.executable_cache import ExecutableCache
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.mesh import global_array
 from sgljax.engine.model import Decoder
@@ -44,7 +45,8 @@ def _step(graphdef, page_size, state, k_cache, v_cache, batch, sbatch, adjust):
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, mesh, kv_spec: KVCacheSpec, plan: BucketPlan):
+    def __init__(self, model: Decoder, mesh, kv_spec: KVCacheSpec, plan: BucketPlan,
+                 executable_cache: ExecutableCache | None = None):
         self.mesh = mesh
         self.kv_spec = kv_spec
         self.plan = plan
@@ -61,6 +63,9 @@ class ModelRunner:
         self._executables: dict[tuple, object] = {}
         self.warmed_up = False
         self.compiles_after_warmup = 0
+        # -- executable cache: this rank's compiled buckets on disk (None: compile every time)
+        self.executable_cache = executable_cache
+        self.loaded_after_warmup = 0
 
     # -- packing -------------------------------------------------------------
     def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust | None]:
@@ -171,9 +176,20 @@ class ModelRunner:
                 self.compiles_after_warmup += 1
                 log.warning("compiling a new step shape after warmup: %s", key)
             with jax.set_mesh(self.mesh):
-                exe = self._step.lower(self.state, self.k_cache, self.v_cache, batch, sbatch,
-                                       adj).compile()
+                lowered = self._step.lower(self.state, self.k_cache, self.v_cache, batch, sbatch,
+                                           adj)
+                exe = self._load_or_compile(lowered)
             self._executables[key] = exe
+        return exe
+
+    def _load_or_compile(self, lowered):
+        cache = self.executable_cache
+        if cache is None:
+            return lowered.compile()
+        hits = cache.hits
+        exe = cache.load_or_compile(lowered)
+        if self.warmed_up and cache.hits > hits:  # a new shape, loaded: no XLA event counts it
+            self.loaded_after_warmup += 1
         return exe
 
     def warmup_shape(self, S: int, Q: int, P: int) -> float:

@@ -1,4 +1,8 @@
-"""One host of a two-host engine on 127.0.0.1 (run by test_multihost.py)."""
+"""One host of a two-host engine on 127.0.0.1 (run by test_multihost.py).
+
+With a sixth argument (a compilation cache dir) the engine warms up first, over
+fewer buckets, and each rank prints its executable-cache figures.
+"""
 
 import json
 import sys
@@ -7,16 +11,36 @@ from sgljax.engine.engine import Engine
 from sgljax.engine.sampling import SamplingParams
 
 model, rank, port, prompts_json, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-engine = Engine(model_path=model, tp_size=4, nnodes=2, node_rank=rank,
+cache_dir = sys.argv[6] if len(sys.argv) > 6 else None
+settings = dict(model_path=model, tp_size=4, nnodes=2, node_rank=rank,
                 dist_init_addr=f"127.0.0.1:{port}", page_size=4, chunked_prefill_size=16,
                 max_running_requests=4, context_length=128, max_total_tokens=1024)
+if cache_dir:  # few buckets: the test compiles them all, twice over two hosts
+    settings.update(compilation_cache_dir=cache_dir, precompile_bs_paddings=[4],
+                    max_prefill_seqs=1, context_length=64)
+engine = Engine(**settings)
+
+
+def print_cache_figures():
+    cache = engine.runner.executable_cache
+    print("CACHE " + json.dumps(dict(rank=rank, hits=cache.hits, jax_hits=cache.jax_hits,
+                                     compiled=cache.compiled,
+                                     after_warmup=engine.runner.compiles_after_warmup)), flush=True)
+
+
 if engine.is_follower:
     engine.follow()
+    if cache_dir:
+        print_cache_figures()
     print("follower done", flush=True)
     sys.exit(0)
 prompts = json.loads(prompts_json)
 params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+if cache_dir:
+    engine.warmup()
 print("READY", flush=True)
 out = engine.generate(prompts, params)
 print("TOKENS " + json.dumps([o["token_ids"] for o in out]), flush=True)
+if cache_dir:
+    print_cache_figures()
 engine.shutdown()

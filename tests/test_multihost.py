@@ -28,10 +28,10 @@ def _prompts():
     return [rng.integers(100, 150000, size=n).tolist() for n in (4, 19, 30)]
 
 
-def _start(model, rank, port, steps):
+def _start(model, rank, port, steps, *extra):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     return subprocess.Popen([sys.executable, WORKER, str(model), str(rank), str(port),
-                             json.dumps(_prompts()), str(steps)], env=env, text=True,
+                             json.dumps(_prompts()), str(steps), *map(str, extra)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
