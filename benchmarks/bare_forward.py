@@ -17,27 +17,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgljax.engine.layers import rms_norm, swiglu_mlp
+from sgljax.engine.layers import rms_norm_features, swiglu_mlp
 from sgljax.engine.loader import load_model
 from sgljax.engine.mesh import make_mesh
 
 
 def bare_step(model, tokens):
+    """The engine's dense path (feature-major activations, (out, in) weights), nothing else."""
     cfg = model.cfg
-    h = model.embed[...][tokens]
+    h = model.embed[...][tokens].T  # (D, N)
     w = {k: v[...] for k, v in vars(model.layers).items() if isinstance(v, nnx.Param)}
 
     def layer(h, w):
-        x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
-        q, k, v = x @ w["q_proj"], x @ w["k_proj"], x @ w["v_proj"]
-        h = h + (q + jnp.tile(k + v, q.shape[-1] // k.shape[-1])) @ w["o_proj"]
-        x = rms_norm(h, w["post_attn_norm"], cfg.rms_norm_eps)
+        x = rms_norm_features(h, w["input_norm"], cfg.rms_norm_eps)
+        q, k, v = w["q_proj"] @ x, w["k_proj"] @ x, w["v_proj"] @ x
+        h = h + w["o_proj"] @ (q + jnp.tile(k + v, (q.shape[0] // k.shape[0], 1)))
+        x = rms_norm_features(h, w["post_attn_norm"], cfg.rms_norm_eps)
         return h + swiglu_mlp(x, w["gate_proj"], w["up_proj"], w["down_proj"]), None
 
     h, _ = jax.lax.scan(layer, h, w)
-    h = rms_norm(h, model.final_norm[...], cfg.rms_norm_eps)
-    head = model.embed[...].T if cfg.tie_word_embeddings else model.lm_head[...]
-    return jnp.argmax(h @ head, axis=-1)
+    h = rms_norm_features(h, model.final_norm[...], cfg.rms_norm_eps)
+    head = model.embed[...] if cfg.tie_word_embeddings else model.lm_head[...]
+    return jnp.argmax(head @ h, axis=0)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ COMMIT_FILE = "sgljax-commit"
 CHECKPOINT_DIR = "checkpoint"
 STATE_DIR = "state"  # where Orbax's v1 layout puts the saved tree
 ORBAX_COMMIT_FILE = "commit_success.txt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: linear weights (out, in), as HF stores them
 PARTIAL_SUFFIX = ".partial"
 RESTORE_GROUP_BYTES = 512 << 20
 
@@ -154,14 +154,14 @@ def _is_kv_tensor(name: str) -> bool:
 
 def _repeat_kv_heads(x: jax.Array, stored: int, target: int, head_dim: int,
                      sharding: NamedSharding) -> jax.Array:
-    """Repeat each KV head target/stored times along the last axis, as the loader does."""
+    """Repeat each KV head target/stored times along axis 1 (after layers), as the loader does."""
     reps = target // stored
 
     def repeat(w):
-        lead = w.shape[:-1]
-        w = w.reshape(*lead, stored, 1, head_dim)
-        return jnp.broadcast_to(w, (*lead, stored, reps, head_dim)).reshape(
-            *lead, target * head_dim)
+        layers, rest = w.shape[0], w.shape[2:]
+        w = w.reshape(layers, stored, 1, head_dim, *rest)
+        return jnp.broadcast_to(w, (layers, stored, reps, head_dim, *rest)).reshape(
+            layers, target * head_dim, *rest)
 
     return jax.jit(repeat, out_shardings=sharding)(x)
 
@@ -192,7 +192,7 @@ def restore_into(path: str | Path, cfg: ModelConfig, flat_state: dict, mesh,
         sharding = shardings[name]
         if _is_kv_tensor(name) and kv_heads != stored_kv:
             # Read the model's own heads replicated (they are small), repeat them on device.
-            shape = (*shape[:-1], stored_kv * cfg.head_dim)
+            shape = (shape[0], stored_kv * cfg.head_dim, *shape[2:])  # heads follow layers
             repeat[name], sharding = sharding, NamedSharding(mesh, PartitionSpec())
         if tuple(stored[name]["shape"]) != shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(stored[name]['shape'])} in "

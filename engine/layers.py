@@ -1,4 +1,10 @@
-"""Stateless building blocks of the decoder: norms, rotary embeddings, MLP."""
+"""Stateless building blocks of the decoder: norms, rotary embeddings, MLP.
+
+The dense layers run on feature-major activations, ``(features, tokens)``,
+with weights as HF stores them, ``(out, in)``: ``w @ x``. On XLA's CPU
+matmuls that is 11-22% faster than ``x @ w`` at decode batch sizes (1-64
+tokens) and the same for prefill (benchmarks/README.md).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,18 @@ import jax.numpy as jnp
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Over the last axis (token-major x, e.g. per-head q/k norms)."""
     # Normalise in float32 whatever the compute dtype, as the HF models do.
     x32 = x.astype(jnp.float32)
     var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     return (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype) * weight
+
+
+def rms_norm_features(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Over the first axis: feature-major x (features, tokens)."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=0, keepdims=True)
+    return (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype) * weight[:, None]
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -28,4 +42,5 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def swiglu_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+    """Feature-major x (d, N); gate/up (f, d), down (d, f)."""
+    return down @ (jax.nn.silu(gate @ x) * (up @ x))

@@ -14,7 +14,7 @@ from flax import nnx
 
 from sgljax.engine.batch import StepBatch
 from sgljax.engine.config import ModelConfig, rope_inv_freq
-from sgljax.engine.layers import apply_rope, rms_norm, rope_cos_sin, swiglu_mlp
+from sgljax.engine.layers import apply_rope, rms_norm, rms_norm_features, rope_cos_sin, swiglu_mlp
 from sgljax.kernels.paged_attention import paged_attention, write_kv
 
 TP = "tp"
@@ -29,7 +29,10 @@ def _param(rngs: nnx.Rngs, shape, dtype, sharding, scale=0.02, ones=False):
 
 
 class DecoderLayers(nnx.Module):
-    """All decoder layers' weights, stacked: each has a leading (L,) axis."""
+    """All decoder layers' weights, stacked: each has a leading (L,) axis.
+
+    Linear weights are (out, in) as in HF; column-parallel ones split "out",
+    row-parallel ones split "in"."""
 
     def __init__(self, cfg: ModelConfig, kv_heads: int, dtype, rngs: nnx.Rngs):
         L, d, f, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -37,10 +40,10 @@ class DecoderLayers(nnx.Module):
         p = lambda shape, spec, **kw: _param(rngs, shape, dtype, spec, **kw)  # noqa: E731
         self.input_norm = p((L, d), (None, None), ones=True)
         self.post_attn_norm = p((L, d), (None, None), ones=True)
-        self.q_proj = p((L, d, qd), (None, None, TP))
-        self.k_proj = p((L, d, kvd), (None, None, TP))
-        self.v_proj = p((L, d, kvd), (None, None, TP))
-        self.o_proj = p((L, qd, d), (None, TP, None))
+        self.q_proj = p((L, qd, d), (None, TP, None))
+        self.k_proj = p((L, kvd, d), (None, TP, None))
+        self.v_proj = p((L, kvd, d), (None, TP, None))
+        self.o_proj = p((L, d, qd), (None, None, TP))
         if cfg.qkv_bias:
             self.q_bias = p((L, qd), (None, TP))
             self.k_bias = p((L, kvd), (None, TP))
@@ -48,9 +51,9 @@ class DecoderLayers(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = p((L, hd), (None, None), ones=True)
             self.k_norm = p((L, hd), (None, None), ones=True)
-        self.gate_proj = p((L, d, f), (None, None, TP))
-        self.up_proj = p((L, d, f), (None, None, TP))
-        self.down_proj = p((L, f, d), (None, TP, None))
+        self.gate_proj = p((L, f, d), (None, TP, None))
+        self.up_proj = p((L, f, d), (None, TP, None))
+        self.down_proj = p((L, d, f), (None, None, TP))
 
 
 class Decoder(nnx.Module):
@@ -64,7 +67,7 @@ class Decoder(nnx.Module):
         self.layers = DecoderLayers(cfg, self.kv_heads, dtype, rngs)
         self.final_norm = _param(rngs, (cfg.hidden_size,), dtype, (None,), ones=True)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), dtype, (None, TP))
+            self.lm_head = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, (TP, None))
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))
 
     def __call__(self, batch: StepBatch, k_cache: jax.Array, v_cache: jax.Array,
@@ -72,22 +75,27 @@ class Decoder(nnx.Module):
         """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache)."""
         cfg = self.cfg
         s, qn = batch.tokens.shape
-        h = self.embed[...][batch.tokens]  # (S, Q, D)
+        n = s * qn
+        # Activations are feature-major, (features, tokens): see engine/layers.py.
+        h = self.embed[...][batch.tokens.reshape(n)].T  # (D, N)
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq[...], self.dtype)
         layer_weights = {name: var[...] for name, var in vars(self.layers).items()
                          if isinstance(var, nnx.Param)}
         hd, nh, kvh = cfg.head_dim, cfg.num_heads, self.kv_heads
 
+        def heads(x, bias, count):  # (count * hd, N) → token-major (S, Q, count, hd)
+            if bias is not None:
+                x = x + bias[:, None]
+            return x.T.reshape(s, qn, count, hd)
+
         def layer_step(carry, xs):
             h, k_cache, v_cache = carry
             w, layer = xs
-            x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
-            q, k, v = x @ w["q_proj"], x @ w["k_proj"], x @ w["v_proj"]
-            if cfg.qkv_bias:
-                q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
-            q = q.reshape(s, qn, nh, hd)
-            k = k.reshape(s, qn, kvh, hd)
-            v = v.reshape(s, qn, kvh, hd)
+            x = rms_norm_features(h, w["input_norm"], cfg.rms_norm_eps)
+            bias = (lambda name: w[name]) if cfg.qkv_bias else (lambda name: None)
+            q = heads(w["q_proj"] @ x, bias("q_bias"), nh)
+            k = heads(w["k_proj"] @ x, bias("k_bias"), kvh)
+            v = heads(w["v_proj"] @ x, bias("v_bias"), kvh)
             if cfg.qk_norm:
                 q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
                 k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
@@ -95,16 +103,16 @@ class Decoder(nnx.Module):
             k_cache, v_cache = write_kv(k_cache, v_cache, layer, batch.slots, k, v)
             attn = paged_attention(q, k_cache, v_cache, layer, batch.page_table,
                                    batch.positions, batch.kv_lens, page_size)
-            h = h + attn.reshape(s, qn, nh * hd) @ w["o_proj"]
-            x = rms_norm(h, w["post_attn_norm"], cfg.rms_norm_eps)
+            h = h + w["o_proj"] @ attn.reshape(n, nh * hd).T
+            x = rms_norm_features(h, w["post_attn_norm"], cfg.rms_norm_eps)
             h = h + swiglu_mlp(x, w["gate_proj"], w["up_proj"], w["down_proj"])
             return (h, k_cache, v_cache), None
 
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (h, k_cache, v_cache), _ = jax.lax.scan(
             layer_step, (h, k_cache, v_cache), (layer_weights, layers))
-        last = h[jnp.arange(s), batch.last_index]  # (S, D): only the tokens we sample from
-        last = rms_norm(last, self.final_norm[...], cfg.rms_norm_eps)
-        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.dot(last, head, preferred_element_type=jnp.float32)
+        last = h[:, jnp.arange(s) * qn + batch.last_index]  # (D, S): only the tokens we sample from
+        last = rms_norm_features(last, self.final_norm[...], cfg.rms_norm_eps)
+        head = self.embed[...] if cfg.tie_word_embeddings else self.lm_head[...]  # (V, D)
+        logits = jnp.dot(head, last, preferred_element_type=jnp.float32).T  # (S, V)
         return logits, k_cache, v_cache

@@ -3,8 +3,8 @@
 ``jax.make_array_from_callback`` asks once per addressable device for an index:
 a tuple of slices in the engine parameter's coordinates. ``ShardReader`` maps
 that index back into the coordinates of the HF tensors it came from, undoing
-the engine layout (layers stacked on a leading axis, linear weights transposed
-to (in, out), KV heads repeated when TP is wider than the model's KV heads),
+the engine layout (layers stacked on a leading axis; linear weights stay (out, in)
+as HF stores them; KV heads repeated when TP is wider than the model's KV heads),
 and reads just those elements with safetensors' ``get_slice``. A host of a
 multi-host mesh thus reads about 1/nhosts of every sharded tensor, plus the
 replicated ones (norms) whole.
@@ -131,41 +131,39 @@ class ShardReader:
             return self._cast(self.source.read("model.embed_tokens.weight", index))
         if name == "final_norm":
             return self._cast(self.source.read("model.norm.weight", index))
-        if name == "lm_head":  # engine (hidden, vocab) is HF's (vocab, hidden) transposed
-            return self._cast(self.source.read("lm_head.weight", index[::-1])).T
+        if name == "lm_head":  # same layout as HF: (vocab, hidden)
+            return self._cast(self.source.read("lm_head.weight", index))
         return self._read_layers(name.removeprefix("layers."), index)
 
     def _read_layers(self, short: str, index: Index) -> np.ndarray:
         """A stacked parameter: the slice index[1:] of each layer in index[0], one layer at a time."""
-        hf_name, transpose = LAYER_TENSORS[short]
+        hf_name = LAYER_TENSORS[short]
         layers, inner = range(*index[0].indices(self.cfg.num_layers)), index[1:]
         pick = None
         if short in KV_HEAD_TENSORS and self.kv_heads != self.cfg.num_kv_heads:
             inner, pick = self._source_heads(inner)
-        hf_index = inner[::-1] if transpose else inner
         out = None
         for j, layer in enumerate(layers):
-            w = self.source.read(f"model.layers.{layer}.{hf_name}", hf_index)
-            w = w.T if transpose else w
+            w = self.source.read(f"model.layers.{layer}.{hf_name}", inner)
             if pick is not None:
-                w = np.take(w, pick, axis=-1)
+                w = np.take(w, pick, axis=0)
             if out is None:
                 out = np.empty((len(layers), *w.shape), dtype=self.dtype)
             out[j] = w  # the cast happens in this copy
         return out
 
     def _source_heads(self, inner: Index) -> tuple[Index, np.ndarray]:
-        """Engine KV columns → the model's own columns they repeat.
+        """Engine KV rows (heads lead: (heads * head_dim, ...)) → the model's own rows.
 
         Engine head h is the model's head h // reps (``replicate_kv_heads``), so a
-        run of engine columns needs one contiguous run of source columns; ``pick``
-        then selects, from what was read, the column behind each engine column.
+        run of engine rows needs one contiguous run of source rows; ``pick`` then
+        selects, from what was read, the row behind each engine row.
         """
         hd, reps = self.cfg.head_dim, self.kv_heads // self.cfg.num_kv_heads
-        cols = np.arange(inner[-1].start, inner[-1].stop)
-        src = (cols // hd // reps) * hd + cols % hd
+        rows = np.arange(inner[0].start, inner[0].stop)
+        src = (rows // hd // reps) * hd + rows % hd
         lo, hi = int(src.min()), int(src.max()) + 1
-        return (*inner[:-1], slice(lo, hi)), src - lo
+        return (slice(lo, hi), *inner[1:]), src - lo
 
     def _cast(self, array: np.ndarray) -> np.ndarray:
         return array.astype(self.dtype, copy=False)

@@ -1,7 +1,9 @@
 """Weights in, engine layout out: HF safetensors folders and GGUF files.
 
 The engine layout stacks each per-layer weight on a leading layer axis and
-stores linear weights as (in, out), so the forward pass is ``x @ w``.
+keeps linear weights as HF stores them, (out, in): the forward pass runs on
+feature-major activations, ``w @ x``, which XLA's CPU matmuls run faster for
+decode-sized batches (engine/model.py).
 """
 
 from __future__ import annotations
@@ -14,22 +16,22 @@ import numpy as np
 
 from sgljax.engine.config import ModelConfig
 
-# engine name → (HF per-layer name, transpose)
+# engine name → HF per-layer name
 LAYER_TENSORS = {
-    "input_norm": ("input_layernorm.weight", False),
-    "post_attn_norm": ("post_attention_layernorm.weight", False),
-    "q_proj": ("self_attn.q_proj.weight", True),
-    "k_proj": ("self_attn.k_proj.weight", True),
-    "v_proj": ("self_attn.v_proj.weight", True),
-    "o_proj": ("self_attn.o_proj.weight", True),
-    "q_bias": ("self_attn.q_proj.bias", False),
-    "k_bias": ("self_attn.k_proj.bias", False),
-    "v_bias": ("self_attn.v_proj.bias", False),
-    "q_norm": ("self_attn.q_norm.weight", False),
-    "k_norm": ("self_attn.k_norm.weight", False),
-    "gate_proj": ("mlp.gate_proj.weight", True),
-    "up_proj": ("mlp.up_proj.weight", True),
-    "down_proj": ("mlp.down_proj.weight", True),
+    "input_norm": "input_layernorm.weight",
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
 }
 KV_HEAD_TENSORS = {"k_proj", "v_proj", "k_bias", "v_bias"}
 
@@ -63,18 +65,20 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
     for i in range(cfg.num_layers):
         for name in layer_tensor_names(cfg):
-            shapes[f"model.layers.{i}.{LAYER_TENSORS[name][0]}"] = per_layer[name]
+            shapes[f"model.layers.{i}.{LAYER_TENSORS[name]}"] = per_layer[name]
     return shapes
 
 
 def replicate_kv_heads(w: np.ndarray, kv_heads: int, target: int, head_dim: int) -> np.ndarray:
-    """Repeat each KV head so ``target`` heads exist (TP wider than the KV heads)."""
+    """Repeat each KV head so ``target`` heads exist (TP wider than the KV heads).
+
+    ``w`` is one layer's k/v weight (heads * head_dim, in) or bias: heads lead."""
     if target == kv_heads:
         return w
     reps = target // kv_heads
-    lead = w.shape[:-1]
-    w = w.reshape(*lead, kv_heads, 1, head_dim)
-    return np.broadcast_to(w, (*lead, kv_heads, reps, head_dim)).reshape(*lead, target * head_dim)
+    rest = w.shape[1:]
+    w = w.reshape(kv_heads, 1, head_dim, *rest)
+    return np.broadcast_to(w, (kv_heads, reps, head_dim, *rest)).reshape(target * head_dim, *rest)
 
 
 def engine_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], kv_heads: int,
@@ -95,18 +99,16 @@ def engine_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], kv_heads:
         yield f"layers.{name}", _stack_layers(cfg, fetch, name, kv_heads, dtype)
     yield "final_norm", fetch("model.norm.weight").astype(dtype, copy=False)
     if not cfg.tie_word_embeddings:
-        # A transposed view: whoever places it on device makes the one contiguous copy.
-        yield "lm_head", fetch("lm_head.weight").astype(dtype, copy=False).T
+        yield "lm_head", fetch("lm_head.weight").astype(dtype, copy=False)
 
 
 def _stack_layers(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], name: str,
                   kv_heads: int, dtype) -> np.ndarray:
     """One engine parameter: every layer's tensor, filled into one preallocated array."""
-    hf_name, transpose = LAYER_TENSORS[name]
+    hf_name = LAYER_TENSORS[name]
     stacked = None
     for i in range(cfg.num_layers):
         w = fetch(f"model.layers.{i}.{hf_name}").astype(dtype, copy=False)
-        w = w.T if transpose else w
         if name in KV_HEAD_TENSORS:
             w = replicate_kv_heads(w, cfg.num_kv_heads, kv_heads, cfg.head_dim)
         if stacked is None:  # np.stack of a list would hold every layer twice

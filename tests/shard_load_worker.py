@@ -44,7 +44,7 @@ for name, full in engine_tensors(cfg, safetensors_getter(Path(reference)), kv_he
 shapes = expected_shapes(cfg)
 hf_names = {"embed": ["model.embed_tokens.weight"], "final_norm": ["model.norm.weight"],
             "lm_head": ["lm_head.weight"]}
-for short, (hf, _) in LAYER_TENSORS.items():
+for short, hf in LAYER_TENSORS.items():
     hf_names[f"layers.{short}"] = [f"model.layers.{i}.{hf}" for i in range(cfg.num_layers)]
 params = {}
 for name, sharding in param_shardings(flat, mesh).items():

@@ -149,6 +149,6 @@ def test_convert_writes_tp_chunks_without_that_many_devices(tiny_models, tmp_pat
     meta = ocp.PyTreeCheckpointer().metadata(out / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_DIR)
     tree = meta.item_metadata.tree
     assert tree["embed"].storage.chunk_shape == (151680 // 4, 64)
-    assert tree["lm_head"].storage.chunk_shape == (64, 151680 // 4)
-    assert tree["layers"]["q_proj"].storage.chunk_shape[-1] == 128 // 4
-    assert tree["layers"]["down_proj"].storage.chunk_shape[1] == 128 // 4
+    assert tree["lm_head"].storage.chunk_shape == (151680 // 4, 64)
+    assert tree["layers"]["q_proj"].storage.chunk_shape[1] == 128 // 4
+    assert tree["layers"]["down_proj"].storage.chunk_shape[2] == 128 // 4
