@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sgljax.cli.recipes import Recipe, ServingPlan
+from sgljax.engine.checkpoint_format import FORMAT_VERSION, stored_format
 
 DEFAULT_PORT = 30000  # SGLang's default HTTP port
 DEFAULT_DIST_PORT = 8476  # JAX's usual coordinator port on Cloud TPU
@@ -130,7 +132,8 @@ def dist_flags(host: HostEnv, port: int) -> list[str]:
 
 
 def marker_info(recipe: Recipe, storage: Storage, dtype: str) -> dict:
-    return {"model": recipe.name, "source": storage.source, "dtype": dtype}
+    return {"model": recipe.name, "source": storage.source, "dtype": dtype,
+            "format": FORMAT_VERSION}
 
 
 def build_steps(recipe: Recipe, plan: ServingPlan, host: HostEnv, storage: Storage, *,
@@ -181,6 +184,9 @@ def _marker_matches(path: Path, info: dict) -> bool:
         found = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    if {k: v for k, v in found.items() if k != "format"} == {
+            k: v for k, v in info.items() if k != "format"}:
+        return found.get("format") == info.get("format")  # older layout: convert again
     if found != info:
         raise PipelineError(f"{path.parent} holds a conversion of {found}, not {info}; "
                             "remove it or choose another checkpoint path")
@@ -197,13 +203,22 @@ def _converted(step: Step) -> bool:
     """
     if _marker_matches(step.path, step.info):
         return True
-    return step.kind in ("mark", "require") and step.path.parent.is_dir()
+    folder = step.path.parent
+    return (step.kind in ("mark", "require") and folder.is_dir()
+            and stored_format(folder) in (None, FORMAT_VERSION))
 
 
 def run_steps(steps: list[Step], *, wait_timeout_s: float = 4 * 3600, poll_s: float = 10,
               log=lambda msg: print(f"[sgljax] {msg}", file=sys.stderr, flush=True)):
     """Run the steps; the last (serve) replaces this process. Skips done conversions."""
     skip = set()
+    for s in steps:
+        folder = s.path.parent if s.path else None
+        if s.kind == "mark" and folder.is_dir() and stored_format(folder) not in (
+                None, FORMAT_VERSION):
+            log(f"{folder} was converted by an older sgljax (format {stored_format(folder)}); "
+                "converting again")
+            shutil.rmtree(folder)
     for s in steps:  # a finished conversion makes fetch and convert unnecessary
         if s.kind in ("mark", "wait", "require") and _converted(s):
             log(f"reusing the converted checkpoint in {s.path.parent}")

@@ -32,12 +32,10 @@ from sgljax.engine.config import ModelConfig
 from sgljax.engine.params import param_name, param_shardings
 from sgljax.engine.weights import KV_HEAD_TENSORS
 
-MANIFEST_FILE = "sgljax-manifest.json"
-COMMIT_FILE = "sgljax-commit"
+from sgljax.engine.checkpoint_format import COMMIT_FILE, FORMAT_VERSION, MANIFEST_FILE  # noqa: F401
 CHECKPOINT_DIR = "checkpoint"
 STATE_DIR = "state"  # where Orbax's v1 layout puts the saved tree
 ORBAX_COMMIT_FILE = "commit_success.txt"
-FORMAT_VERSION = 2  # 2: linear weights (out, in), as HF stores them
 PARTIAL_SUFFIX = ".partial"
 RESTORE_GROUP_BYTES = 512 << 20
 

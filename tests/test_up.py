@@ -316,6 +316,25 @@ def test_run_steps_reuses_a_finished_conversion(tmp_path):
         run_steps(steps, log=lambda m: None)
 
 
+def test_run_steps_converts_again_over_an_older_format(tmp_path):
+    """A conversion in an older checkpoint layout is replaced, not served or refused."""
+    from sgljax.engine.checkpoint_format import FORMAT_VERSION, MANIFEST_FILE
+
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    (ckpt / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT_VERSION - 1}))
+    info = {"model": "m", "source": "s", "dtype": "float32", "format": FORMAT_VERSION}
+    marker = ckpt / "sgljax-ready.json"
+    marker.write_text(json.dumps({**info, "format": FORMAT_VERSION - 1}))
+    log = tmp_path / "log"
+    steps = [step("convert", f"open({str(log)!r}, 'a').write('convert ')"),
+             Step("mark", kind="mark", path=marker, info=info)]
+    run_steps(steps, log=lambda m: None)
+    assert log.read_text() == "convert "
+    assert not (ckpt / MANIFEST_FILE).exists()  # the old folder went before converting
+    assert json.loads(marker.read_text()) == info
+
+
 def test_run_steps_trusts_a_finished_convert_output_without_marker(tmp_path):
     ckpt = tmp_path / "ck"
     ckpt.mkdir()  # what `sgljax convert` leaves once it renames OUTPUT.partial
