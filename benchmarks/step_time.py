@@ -53,7 +53,7 @@ def main() -> None:
     zeros = np.zeros(Sb, np.int32)
     sbatch = SamplingBatch(np.zeros(Sb, np.float32), zeros, np.ones(Sb, np.float32),
                            np.zeros(Sb, np.float32), np.zeros(Sb, np.uint32), zeros,
-                           np.asarray(True))
+                           np.asarray(True), np.asarray(False))
     runner.execute(batch, sbatch, None)  # compile (or load) and warm
     t0 = time.perf_counter()
     for _ in range(args.iters):

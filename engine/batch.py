@@ -35,6 +35,7 @@ class SamplingBatch:
     seeds: jax.Array  # (S,) uint32 per-request seed
     steps: jax.Array  # (S,) int32 how many tokens the request has generated (varies the key)
     all_greedy: jax.Array  # () bool: skip the sort when nobody samples
+    want_top: jax.Array  # () bool: someone asked for top_logprobs (a top-k over the vocabulary)
 
 
 @jax.tree_util.register_dataclass

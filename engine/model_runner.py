@@ -103,6 +103,7 @@ class ModelRunner:
             seeds=col(lambda p: p.seed & 0xFFFFFFFF, np.uint32),
             steps=np.asarray([len(s.output_ids) for s in seqs] + [0] * pad, np.int32),
             all_greedy=np.asarray(all(s.params.temperature == 0 for s in seqs)),
+            want_top=np.asarray(any(s.params.top_logprobs > 0 for s in seqs)),
         )
 
     def _inactive_adjust(self, S: int) -> LogitAdjust:
@@ -199,7 +200,7 @@ class ModelRunner:
         batch = StepBatch(z(S, Q), z(S, Q), z(S, Q), z(S, P), np.ones(S, np.int32), z(S))
         sbatch = SamplingBatch(np.zeros(S, np.float32), z(S), np.ones(S, np.float32),
                                np.zeros(S, np.float32), np.zeros(S, np.uint32), z(S),
-                               np.asarray(True))
+                               np.asarray(True), np.asarray(False))
         self.compile_only(batch, sbatch)
         return time.perf_counter() - t0
 
