@@ -49,7 +49,7 @@ def main() -> None:
     batch = StepBatch(_pad(rng.integers(10, 1000, (S, Q)).astype(np.int32), (Sb, Qb)),
                       _pad(pos, (Sb, Qb)), _pad(slots, (Sb, Qb)), _pad(pages, (Sb, Pb)),
                       _pad(np.full(S, kv_len, np.int32), (Sb,)),
-                      _pad(np.full(S, Q - 1, np.int32), (Sb,)))
+                      _pad(np.full(S, Q - 1, np.int32), (Sb,)), np.full(Sb, -1, np.int32))
     zeros = np.zeros(Sb, np.int32)
     sbatch = SamplingBatch(np.zeros(Sb, np.float32), zeros, np.ones(Sb, np.float32),
                            np.zeros(Sb, np.float32), np.zeros(Sb, np.uint32), zeros,

@@ -36,6 +36,8 @@ MaxTotalTokens = Annotated[Optional[int], typer.Option("--max-total-tokens",
 MemFraction = Annotated[float, typer.Option("--mem-fraction-static",
                                             help="Share of free memory for the KV pool.")]
 DisableRadix = Annotated[bool, typer.Option("--disable-radix-cache")]
+DisableOverlap = Annotated[bool, typer.Option(
+    "--disable-overlap-schedule", help="Prepare each step only after the last one lands.")]
 SchedulePolicy = Annotated[str, typer.Option("--schedule-policy", help="fcfs or lpm.")]
 RandomSeed = Annotated[Optional[int], typer.Option("--random-seed")]
 BsPaddings = Annotated[Optional[str], typer.Option("--precompile-bs-paddings",

@@ -29,6 +29,7 @@ def serve(
     max_queued_requests: Optional[int] = typer.Option(
         None, "--max-queued-requests", help="Answer 503 beyond this many waiting requests."),
     disable_radix_cache: eo.DisableRadix = False,
+    disable_overlap_schedule: eo.DisableOverlap = False,
     schedule_policy: eo.SchedulePolicy = D.schedule_policy,
     random_seed: eo.RandomSeed = None,
     precompile_bs_paddings: eo.BsPaddings = None,

@@ -34,6 +34,7 @@ class EngineArgs:
     max_total_tokens: int | None = None  # KV pool size in tokens; None → from mem_fraction_static
     mem_fraction_static: float = 0.25
     disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False  # else the host prepares step N+1 while step N runs
     schedule_policy: str = "fcfs"
     random_seed: int | None = None
     precompile_bs_paddings: list[int] | None = None

@@ -23,6 +23,9 @@ class StepBatch:
     page_table: jax.Array  # (S, P) int32 pages owned by each sequence (padding → page 0)
     kv_lens: jax.Array  # (S,) int32 cached tokens per sequence after this step
     last_index: jax.Array  # (S,) int32 index in Q of the token to sample from
+    # (S,) int32: the row of the previous step whose sampled token is this row's first input
+    # token (the overlap schedule packs a step before the host knows that token), or -1.
+    prev_rows: jax.Array
 
 
 @jax.tree_util.register_dataclass

@@ -19,12 +19,12 @@ from sgljax.engine.loader import load_model
 from sgljax.engine.mesh import make_mesh
 from sgljax.engine.executable_cache import ExecutableCache
 from sgljax.engine.distributed import Follower, Leader, channel_address, init_distributed
-from sgljax.engine.model_runner import ModelRunner, unflatten_step
+from sgljax.engine.model_runner import Launched, ModelRunner, needs_logit_adjust, unflatten_step
 from sgljax.engine.pathways import init_backend
 from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import SamplingParams
-from sgljax.engine.scheduler import Scheduler, SchedulerConfig
+from sgljax.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sgljax.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 
 class RequestError(ValueError):
     """A request the engine cannot serve (too long, bad parameters)."""
+
+
+@dataclass
+class InFlight:
+    """A launched step whose tokens the host has not seen yet."""
+    sched: ScheduledBatch
+    samples: list[bool]  # per row: does this step sample the sequence's next token?
+    launched: Launched
 
 
 @dataclass
@@ -103,6 +111,7 @@ class Engine:
             else:
                 self._follower = Follower(addr, args.node_rank, leader=args.dist_init_addr)
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._in_flight: InFlight | None = None  # the launched step not yet landed
         self._rng = random.Random(args.random_seed)
         log.info("KV pool: %d pages of %d tokens; buckets: %s", kv_spec.num_pages, ps,
                  self.plan.describe())
@@ -164,22 +173,63 @@ class Engine:
             self._detok.pop(rid, None)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # -- one step --------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch the next step, then land the one before it.
+
+        The overlap schedule: the host schedules and packs step N+1 while the device
+        runs step N (step N+1's decode rows take their input tokens from step N on the
+        device), then lands step N (copies its tokens, detokenizes, checks stops) while
+        the device runs step N+1. A sequence that step N ends (EOS, a stop string) is
+        already in step N+1: that one extra token is dropped. Penalties need every token
+        on the host, so while a running request has them each step lands at once.
+        """
+        results = []
+        if self._in_flight is not None and not self._may_overlap():
+            results += self._land(self._pop_in_flight())
         sched = self.scheduler.schedule()
-        if sched is None:
-            return []
-        out = self.runner.run(sched)
+        previous = self._pop_in_flight()
+        if sched is not None:
+            self._in_flight = self._launch(sched)
+        if previous is not None:
+            results += self._land(previous)
+        if self._in_flight is not None and not self._may_overlap():
+            results += self._land(self._pop_in_flight())
+        return results
+
+    def _may_overlap(self) -> bool:
+        return not self.args.disable_overlap_schedule and not any(
+            needs_logit_adjust(s.params) for s in self.scheduler.running)
+
+    def _pop_in_flight(self) -> InFlight:
+        in_flight, self._in_flight = self._in_flight, None
+        return in_flight
+
+    def _launch(self, sched: ScheduledBatch) -> InFlight:
+        launched = self.runner.launch(sched)
+        samples = []
+        for seq, n in zip(sched.seqs, sched.chunk_lens):
+            seq.num_computed += n  # the K/V are being written: later steps may read them
+            sampled = seq.num_computed == seq.num_tokens
+            if sampled:
+                seq.num_pending += 1
+            else:  # a prompt chunk: nothing sampled yet
+                self.prefix_cache.insert(seq.all_ids[:seq.num_computed], seq.pages)
+            samples.append(sampled)
+        return InFlight(sched, samples, launched)
+
+    def _land(self, in_flight: InFlight) -> list[RequestOutput]:
+        out = self.runner.fetch(in_flight.launched)
         results = []
         now = time.monotonic()
-        for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
-            seq.num_computed += n
-            if seq.num_computed < seq.num_tokens:
-                self.prefix_cache.insert(seq.all_ids[:seq.num_computed], seq.pages)
-                continue  # a prompt chunk: nothing sampled yet
-            results.append(self._append_token(seq, out, i, now))
+        for i, (seq, sampled) in enumerate(zip(in_flight.sched.seqs, in_flight.samples)):
+            if not sampled:
+                continue
+            seq.num_pending -= 1
+            if not seq.finished:  # else aborted, or ended by the step before: drop the token
+                results.append(self._append_token(seq, out, i, now))
         return results
 
     def _append_token(self, seq: Sequence, out, i: int, now: float) -> RequestOutput:
@@ -199,7 +249,7 @@ class Engine:
         elif detok.stopped_by is not None:
             self.scheduler.finish(seq, "stop", detok.stopped_by)
         elif (len(seq.output_ids) >= seq.params.max_tokens
-              or seq.num_tokens >= self.context_length):
+              or len(seq.prompt_ids) + len(seq.output_ids) >= self.context_length):
             self.scheduler.finish(seq, "length")
         if seq.finished:
             delta += detok.flush()
@@ -218,7 +268,7 @@ class Engine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         texts = {s.rid: "" for s in seqs}
-        while any(not s.finished for s in seqs):
+        while any(not s.finished for s in seqs) or self._in_flight is not None:
             for o in self.step():
                 if o.rid in texts:
                     texts[o.rid] += o.delta_text

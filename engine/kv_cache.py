@@ -1,4 +1,4 @@
-"""The paged KV cache: device arrays of token slots and the page allocator.
+"""The paged KV cache: device arrays of pages and the page allocator.
 
 Page 0 is never handed out: padded tokens of a step write their K/V there, so
 padding never needs a branch on the device.
@@ -71,7 +71,8 @@ class KVCacheSpec:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.num_layers, self.num_pages * self.page_size, self.kv_heads, self.head_dim)
+        # Head-major inside a page: see kernels/paged_attention.py.
+        return (self.num_layers, self.num_pages, self.kv_heads, self.page_size, self.head_dim)
 
     def bytes_per_page(self) -> int:
         return 2 * self.num_layers * self.page_size * self.kv_heads * self.head_dim * jnp.dtype(
@@ -79,6 +80,6 @@ class KVCacheSpec:
 
     def allocate(self, mesh) -> tuple[jax.Array, jax.Array]:
         """Zeroed K and V caches, split over the mesh's ``tp`` axis by KV head."""
-        sharding = NamedSharding(mesh, P(None, None, "tp", None))
+        sharding = NamedSharding(mesh, P(None, None, "tp", None, None))
         make = jax.jit(lambda: jnp.zeros(self.shape, self.dtype), out_shardings=sharding)
         return make(), make()

@@ -70,8 +70,8 @@ class Decoder(nnx.Module):
             self.lm_head = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, (TP, None))
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))
 
-    def __call__(self, batch: StepBatch, k_cache: jax.Array, v_cache: jax.Array,
-                 page_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, batch: StepBatch, k_cache: jax.Array,
+                 v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache)."""
         cfg = self.cfg
         s, qn = batch.tokens.shape
@@ -102,7 +102,7 @@ class Decoder(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_cache, v_cache = write_kv(k_cache, v_cache, layer, batch.slots, k, v)
             attn = paged_attention(q, k_cache, v_cache, layer, batch.page_table,
-                                   batch.positions, batch.kv_lens, page_size)
+                                   batch.positions, batch.kv_lens)
             h = h + w["o_proj"] @ attn.reshape(n, nh * hd).T
             x = rms_norm_features(h, w["post_attn_norm"], cfg.rms_norm_eps)
             h = h + swiglu_mlp(x, w["gate_proj"], w["up_proj"], w["down_proj"])

@@ -1,18 +1,27 @@
 """Runs a scheduled batch on the device: pack arrays, call the jitted step, unpack.
 
-The step is one pure function of (weights, K cache, V cache, StepBatch,
-SamplingBatch[, LogitAdjust]); the caches are donated so XLA updates them in
-place. Every batch is padded to a bucket shape from the ``BucketPlan``.
+The step is one pure function of (weights, K cache, V cache, last sampled
+tokens, StepBatch, SamplingBatch[, LogitAdjust]); the caches are donated so XLA
+updates them in place. Every batch is padded to a bucket shape from the
+``BucketPlan``.
+
+``launch`` only dispatches: JAX runs the step asynchronously and ``fetch``
+waits for its sampled tokens. The step keeps its sampled tokens on the device
+as well, so the next step can be packed and launched before the host has
+them (``StepBatch.prev_rows``): that is what lets the engine prepare step
+N+1 while step N runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -38,10 +47,22 @@ class StepOutput:
     top_logprobs: np.ndarray  # (S, 20)
 
 
-def _step(graphdef, page_size, state, k_cache, v_cache, batch, sbatch, adjust):
+@dataclass
+class Launched:
+    """A dispatched step, still running or done: its outputs on the device."""
+    outputs: tuple  # tokens, logprobs, top ids, top logprobs
+
+
+def _step(graphdef, state, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
+    # Rows whose input token the previous step sampled take it from the device.
+    fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
+    first = jnp.where(batch.prev_rows >= 0, fed, batch.tokens[:, 0])
+    batch = dataclasses.replace(batch, tokens=batch.tokens.at[:, 0].set(first))
     model = nnx.merge(graphdef, state)
-    logits, k_cache, v_cache = model(batch, k_cache, v_cache, page_size)
-    return sample(logits, sbatch, adjust), k_cache, v_cache
+    logits, k_cache, v_cache = model(batch, k_cache, v_cache)
+    out = sample(logits, sbatch, adjust)
+    last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
+    return out, last_tokens, k_cache, v_cache
 
 
 class ModelRunner:
@@ -56,8 +77,13 @@ class ModelRunner:
         self.k_cache, self.v_cache = kv_spec.allocate(mesh)
         replicated = NamedSharding(mesh, P())
         kv_sharding = self.k_cache.sharding
-        self._step = jax.jit(partial(_step, graphdef, self.page_size), donate_argnums=(1, 2),
-                             out_shardings=((replicated,) * 4, kv_sharding, kv_sharding))
+        # The previous step's sampled tokens, one slot per row of the widest bucket.
+        max_rows = max(plan.decode_batch + plan.prefill_batch)
+        self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
+        self._last_rows: dict[str, int] = {}
+        self._step = jax.jit(partial(_step, graphdef), donate_argnums=(1, 2, 3),
+                             out_shardings=((replicated,) * 4, replicated, kv_sharding,
+                                            kv_sharding))
         self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers
         self._zero_adjust: dict[int, LogitAdjust] = {}
         self._executables: dict[tuple, object] = {}
@@ -79,17 +105,23 @@ class ModelRunner:
         page_table = np.zeros((S, P), np.int32)
         kv_lens = np.ones((S,), np.int32)
         last_index = np.zeros((S,), np.int32)
+        prev_rows = np.full((S,), -1, np.int32)
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
             start = seq.num_computed
             pos = np.arange(start, start + n, dtype=np.int32)
             pages = np.asarray(seq.pages, np.int32)
-            tokens[i, :n] = seq.all_ids[start:start + n]
+            known = seq.all_ids[start:start + n]
+            if len(known) < n:  # the newest token is the previous step's, still on the device
+                assert n == 1 and seq.num_pending == 1, (seq.rid, n, seq.num_pending)
+                prev_rows[i] = self._last_rows[seq.rid]
+            else:
+                tokens[i, :n] = known
             positions[i, :n] = pos
             slots[i, :n] = pages[pos // ps] * ps + pos % ps
             page_table[i, :len(pages)] = pages
             kv_lens[i] = start + n
             last_index[i] = n - 1
-        batch = StepBatch(tokens, positions, slots, page_table, kv_lens, last_index)
+        batch = StepBatch(tokens, positions, slots, page_table, kv_lens, last_index, prev_rows)
         return batch, self._sampling(sched.seqs, S), self._adjust(sched.seqs, S)
 
     def _sampling(self, seqs: list[Sequence], S: int) -> SamplingBatch:
@@ -101,7 +133,7 @@ class ModelRunner:
             top_p=np.asarray([s.params.top_p for s in seqs] + [1.0] * pad, np.float32),
             min_p=col(lambda p: p.min_p, np.float32),
             seeds=col(lambda p: p.seed & 0xFFFFFFFF, np.uint32),
-            steps=np.asarray([len(s.output_ids) for s in seqs] + [0] * pad, np.int32),
+            steps=np.asarray([s.num_generated for s in seqs] + [0] * pad, np.int32),
             all_greedy=np.asarray(all(s.params.temperature == 0 for s in seqs)),
             want_top=np.asarray(any(s.params.top_logprobs > 0 for s in seqs)),
         )
@@ -120,11 +152,7 @@ class ModelRunner:
         return jax.tree.map(lambda x: global_array(np.asarray(x), sharding), tree)
 
     def _adjust(self, seqs: list[Sequence], S: int) -> LogitAdjust | None:
-        def needed(p):
-            return (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
-                    or p.logit_bias or p.min_tokens)
-
-        if not any(needed(s.params) for s in seqs):
+        if not any(needs_logit_adjust(s.params) for s in seqs):
             return None  # the step uses the zeros kept on the device
         V = self.vocab_size
         bias = np.zeros((S, V), np.float32)
@@ -146,19 +174,33 @@ class ModelRunner:
 
     # -- running -------------------------------------------------------------
     def run(self, sched: ScheduledBatch) -> StepOutput:
-        return self.execute(*self.pack(sched))
+        return self.fetch(self.launch(sched))
+
+    def launch(self, sched: ScheduledBatch) -> Launched:
+        """Pack and dispatch a scheduled batch; returns at once, the step runs on."""
+        outputs = self.dispatch(*self.pack(sched))
+        self._last_rows = {seq.rid: i for i, seq in enumerate(sched.seqs)}
+        return Launched(outputs)
+
+    @staticmethod
+    def fetch(launched: Launched) -> StepOutput:
+        """Wait for a launched step and copy its sampled tokens to the host."""
+        return StepOutput(*(to_host(x) for x in launched.outputs))
 
     def execute(self, batch: StepBatch, sbatch: SamplingBatch,
                 adjust: LogitAdjust | None) -> StepOutput:
-        """Run one packed step. On multi-host rank 0, first send it to the other ranks."""
+        """Run one packed step to the end (followers, benchmarks)."""
+        return self.fetch(Launched(self.dispatch(batch, sbatch, adjust)))
+
+    def dispatch(self, batch: StepBatch, sbatch: SamplingBatch, adjust: LogitAdjust | None):
+        """Start one packed step. On multi-host rank 0, first send it to the other ranks."""
         if self.broadcast is not None:
             self.broadcast("step", flatten_step(batch, sbatch, adjust))
         adj = self._device_adjust(batch, adjust)
         exe = self._executable(batch, sbatch, adj)
-        out, self.k_cache, self.v_cache = exe(self.state, self.k_cache, self.v_cache, batch,
-                                              sbatch, adj)
-        tokens, logprobs, top_ids, top_vals = (to_host(x) for x in out)
-        return StepOutput(tokens, logprobs, top_ids, top_vals)
+        out, self.last_tokens, self.k_cache, self.v_cache = exe(
+            self.state, self.k_cache, self.v_cache, self.last_tokens, batch, sbatch, adj)
+        return out
 
     def _device_adjust(self, batch: StepBatch, adjust: LogitAdjust | None) -> LogitAdjust:
         S = batch.tokens.shape[0]
@@ -177,8 +219,8 @@ class ModelRunner:
                 self.compiles_after_warmup += 1
                 log.warning("compiling a new step shape after warmup: %s", key)
             with jax.set_mesh(self.mesh):
-                lowered = self._step.lower(self.state, self.k_cache, self.v_cache, batch, sbatch,
-                                           adj)
+                lowered = self._step.lower(self.state, self.k_cache, self.v_cache,
+                                           self.last_tokens, batch, sbatch, adj)
                 exe = self._load_or_compile(lowered)
             self._executables[key] = exe
         return exe
@@ -197,7 +239,8 @@ class ModelRunner:
         """Compile (or load from the persistent cache) one bucket; returns seconds."""
         t0 = time.perf_counter()
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        batch = StepBatch(z(S, Q), z(S, Q), z(S, Q), z(S, P), np.ones(S, np.int32), z(S))
+        batch = StepBatch(z(S, Q), z(S, Q), z(S, Q), z(S, P), np.ones(S, np.int32), z(S),
+                          np.full(S, -1, np.int32))
         sbatch = SamplingBatch(np.zeros(S, np.float32), z(S), np.ones(S, np.float32),
                                np.zeros(S, np.float32), np.zeros(S, np.uint32), z(S),
                                np.asarray(True), np.asarray(False))
@@ -208,6 +251,12 @@ class ModelRunner:
         if self.broadcast is not None:  # multi-host: every rank compiles the same bucket
             self.broadcast("compile", flatten_step(batch, sbatch, None))
         self._executable(batch, sbatch, self._device_adjust(batch, None))
+
+
+def needs_logit_adjust(p) -> bool:
+    """Penalties, logit_bias or min_tokens: the host folds them into the logits."""
+    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+                or p.logit_bias or p.min_tokens)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -28,7 +28,8 @@ class Sequence:
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     stop_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
     pages: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_computed: int = 0  # tokens whose K/V are in the cache (or being written by a step in flight)
+    num_pending: int = 0  # tokens sampled by a step still in flight: counted, not yet known
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at admission
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
@@ -43,7 +44,17 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens so far, counting the ones a step in flight is sampling."""
+        return len(self.output_ids) + self.num_pending
+
+    @property
+    def length_done(self) -> bool:
+        """It will have max_tokens once the step in flight lands: schedule it no more."""
+        return self.num_generated >= self.params.max_tokens
 
     @property
     def num_uncomputed(self) -> int:
@@ -52,7 +63,7 @@ class Sequence:
     @property
     def is_prefilling(self) -> bool:
         """More than the one newest token still needs its K/V computed."""
-        return self.num_uncomputed > 1 or not self.output_ids
+        return self.num_uncomputed > 1 or not self.num_generated
 
     @property
     def finished(self) -> bool:

@@ -6,6 +6,11 @@ both kinds are pending they alternate, so a stream of new prompts never
 starves running decodes. When the KV pool runs dry the newest running
 sequence is preempted: its pages are released and it later resumes by
 recomputing its tokens, producing the same output.
+
+With the overlap schedule (engine.py) the next batch is chosen while the
+previous one is still on the device: a sequence's newest token may be
+pending (counted in ``num_tokens``, not yet known), and a sequence that the
+step in flight brings to ``max_tokens`` is not scheduled again.
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class Scheduler:
         seq.finish(reason, matched)
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.waiting:  # preempted while its last step was in flight
+            self.waiting.remove(seq)
         self._free(seq, cache=reason != "abort")
 
     def _free(self, seq: Sequence, cache: bool) -> None:
@@ -106,7 +113,7 @@ class Scheduler:
 
     # -- the decision --------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        decodes = [s for s in self.running if not s.is_prefilling]
+        decodes = [s for s in self.running if not s.is_prefilling and not s.length_done]
         want_prefill = bool(self.waiting) or any(s.is_prefilling for s in self.running)
         if want_prefill and not (self._last_was_prefill and decodes):
             batch = self._schedule_prefill()
@@ -153,7 +160,7 @@ class Scheduler:
         return self.plan.prefill_fits(len(chunks) + 1, max(chunks + [n]))
 
     def _schedule_decode(self) -> ScheduledBatch | None:
-        decodes = [s for s in self.running if not s.is_prefilling]
+        decodes = [s for s in self.running if not s.is_prefilling and not s.length_done]
         for seq in list(decodes):
             if seq not in self.running:
                 continue  # preempted below to make room

@@ -1,8 +1,9 @@
 """Attention over a paged KV cache, in pure JAX: every platform runs it.
 
-The cache of one layer is a flat array of token slots, ``(num_slots, kv_heads,
-head_dim)``, where slot ``page * page_size + offset`` holds one token. A
-sequence owns a list of pages (its row of ``page_table``).
+The cache of one layer is an array of pages, ``(num_pages, kv_heads, page_size,
+head_dim)``: head-major inside a page, so a gathered page is already laid out
+as the dots want it (each head's keys contiguous). Token ``t`` of a sequence
+lives in page ``page_table[t // page_size]`` at offset ``t % page_size``.
 
 ``paged_attention`` walks the page table a block of pages at a time with an
 online softmax, and stops after the block holding the longest sequence's last
@@ -18,18 +19,16 @@ import jax
 import jax.numpy as jnp
 
 MASK_VALUE = -1e30  # finite, so padded rows with nothing to attend to stay NaN-free
-BLOCK_PAGES = 8  # pages per block: 128 tokens at page size 16, the fastest of 2-16 measured on CPU
+BLOCK_PAGES = 8  # pages per block: 128 tokens at page size 16, the fastest of 2-40 measured on CPU
 
 
-def gather_pages(cache: jax.Array, layer: jax.Array, page_table: jax.Array,
-                 page_size: int) -> jax.Array:
-    """cache (L, num_slots, KV, D), page_table (S, P) → (S, P * page_size, KV, D).
+def gather_pages(cache: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Array:
+    """cache (L, num_pages, KV, page_size, D), pages (S, B) → (S, B, KV, page_size, D).
 
-    Indexing layer and slots in one gather keeps XLA from copying the layer.
+    Whole pages are gathered (one index per page, not per token), and indexing
+    layer and page in one gather keeps XLA from copying the layer.
     """
-    offsets = jnp.arange(page_size, dtype=page_table.dtype)
-    slot_ids = (page_table[:, :, None] * page_size + offsets).reshape(page_table.shape[0], -1)
-    return cache[layer, slot_ids]
+    return cache[layer, pages]
 
 
 def _visible(key_pos: jax.Array, positions: jax.Array, kv_lens: jax.Array) -> jax.Array:
@@ -40,17 +39,16 @@ def _visible(key_pos: jax.Array, positions: jax.Array, kv_lens: jax.Array) -> ja
 
 def paged_attention(
     q: jax.Array,  # (S, Q, H, D) queries, already rotated
-    k_cache: jax.Array,  # (L, num_slots, KV, D) keys, this step's already written
-    v_cache: jax.Array,  # (L, num_slots, KV, D)
+    k_cache: jax.Array,  # (L, num_pages, KV, page_size, D) keys, this step's already written
+    v_cache: jax.Array,  # (L, num_pages, KV, page_size, D)
     layer: jax.Array,  # () which layer
     page_table: jax.Array,  # (S, P) page ids owned by each sequence
     positions: jax.Array,  # (S, Q) absolute position of each query token
     kv_lens: jax.Array,  # (S,) tokens in the cache for each sequence
-    page_size: int,
     block_pages: int = BLOCK_PAGES,
 ) -> jax.Array:
     s, qn, h, d = q.shape
-    kvh = k_cache.shape[2]
+    kvh, page_size = k_cache.shape[2], k_cache.shape[3]
     group = h // kvh
     block_tokens = block_pages * page_size
     table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % block_pages)))
@@ -60,17 +58,19 @@ def paged_attention(
     def block(b, carry):
         running_max, denom, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(table, b * block_pages, block_pages, axis=1)
-        k = gather_pages(k_cache, layer, pages, page_size)  # (S, block_tokens, KV, D)
-        v = gather_pages(v_cache, layer, pages, page_size)
-        scores = jnp.einsum("sqkgd,stkd->skgqt", qg, k, preferred_element_type=jnp.float32)
+        k = gather_pages(k_cache, layer, pages)  # (S, B, KV, page_size, D)
+        v = gather_pages(v_cache, layer, pages)
+        scores = jnp.einsum("sqkgd,sbktd->skgqbt", qg, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(s, kvh, group, qn, block_tokens)
         visible = _visible(b * block_tokens + jnp.arange(block_tokens), positions, kv_lens)
         scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
         new_max = jnp.maximum(running_max, scores.max(-1))
         probs = jnp.exp(scores - new_max[..., None])
         rescale = jnp.exp(running_max - new_max)
         denom = denom * rescale + probs.sum(-1)
+        probs = probs.reshape(s, kvh, group, qn, block_pages, page_size).astype(v.dtype)
         acc = acc * rescale[..., None] + jnp.einsum(
-            "skgqt,stkd->skgqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            "skgqbt,sbktd->skgqd", probs, v, preferred_element_type=jnp.float32)
         return new_max, denom, acc
 
     init = (jnp.full((s, kvh, group, qn), MASK_VALUE, jnp.float32),
@@ -81,29 +81,38 @@ def paged_attention(
     return out.transpose(0, 3, 1, 2, 4).reshape(s, qn, h, d).astype(q.dtype)
 
 
-def paged_attention_reference(q, k_cache, v_cache, layer, page_table, positions, kv_lens,
-                              page_size: int) -> jax.Array:
+def paged_attention_reference(q, k_cache, v_cache, layer, page_table, positions,
+                              kv_lens) -> jax.Array:
     """All pages at once: gather (S, P * page_size) keys, one softmax."""
     s, qn, h, d = q.shape
-    kvh = k_cache.shape[2]
+    kvh, page_size = k_cache.shape[2], k_cache.shape[3]
     group = h // kvh
-    k = gather_pages(k_cache, layer, page_table, page_size)  # (S, T, KV, D)
-    v = gather_pages(v_cache, layer, page_table, page_size)
+    tokens = page_table.shape[1] * page_size
+
+    def dense(cache):  # (S, P, KV, page_size, D) → (S, KV, T, D)
+        return gather_pages(cache, layer, page_table).transpose(0, 2, 1, 3, 4).reshape(
+            s, kvh, tokens, d)
+
+    k, v = dense(k_cache), dense(v_cache)
     qg = q.reshape(s, qn, kvh, group, d)
-    scores = jnp.einsum("sqkgd,stkd->skgqt", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("sqkgd,sktd->skgqt", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
-    visible = _visible(jnp.arange(k.shape[1]), positions, kv_lens)
+    visible = _visible(jnp.arange(tokens), positions, kv_lens)
     scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("skgqt,stkd->sqkgd", probs, v)
+    out = jnp.einsum("skgqt,sktd->sqkgd", probs, v)
     return out.reshape(s, qn, h, d)
 
 
 def write_kv(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, slots: jax.Array,
              k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Scatter new keys/values (S, Q, KV, D) into slot ids (S, Q) of ``layer``."""
+    """Scatter new keys/values (S, Q, KV, D) into slots (S, Q) of ``layer``.
+
+    Slot ``page * page_size + offset`` is the token's place in the pool."""
+    page_size = k_cache.shape[3]
     flat = slots.reshape(-1)
-    kv_shape = (flat.shape[0],) + k_new.shape[2:]
-    k_cache = k_cache.at[layer, flat].set(k_new.reshape(kv_shape).astype(k_cache.dtype))
-    v_cache = v_cache.at[layer, flat].set(v_new.reshape(kv_shape).astype(v_cache.dtype))
+    page, offset = flat // page_size, flat % page_size
+    kv_shape = (flat.shape[0],) + k_new.shape[2:]  # (N, KV, D): advanced indices come first
+    k_cache = k_cache.at[layer, page, :, offset].set(k_new.reshape(kv_shape).astype(k_cache.dtype))
+    v_cache = v_cache.at[layer, page, :, offset].set(v_new.reshape(kv_shape).astype(v_cache.dtype))
     return k_cache, v_cache

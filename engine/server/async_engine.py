@@ -163,7 +163,8 @@ class AsyncEngine:
         return rid in self._handles
 
     def num_queued(self) -> int:
-        return self.stats.num_waiting + self._pending_adds
+        with self._lock:
+            return self.stats.num_waiting + self._pending_adds
 
     def submit(self, seqs: list[SeqRequest], arrival: float | None = None) -> RequestHandle:
         """Queue sequences for the engine (call on the event loop)."""
@@ -248,8 +249,6 @@ class AsyncEngine:
                 cmd[1].set_result(not busy)
 
     def _add(self, seqs: list[SeqRequest], arrival: float) -> None:
-        with self._lock:
-            self._pending_adds -= len(seqs)
         errors = []
         for s in seqs:
             if s.rid not in self._handles:
@@ -264,6 +263,11 @@ class AsyncEngine:
             self._arrival[s.rid] = arrival
             if self.metrics:
                 self.metrics.prompt_tokens.inc(len(s.prompt_ids))
+        # Hand the count from "pending" to the published "waiting" in one move, or a
+        # reader in between sees the queue empty (and admits past --max-queued-requests).
+        with self._lock:
+            self._publish_stats()
+            self._pending_adds -= len(seqs)
         self._deliver(errors)
 
     def _delta(self, o: RequestOutput) -> Delta:
