@@ -13,7 +13,11 @@ Steps (each skipped when its result is already in --work-dir):
    workload's concurrency; C = 16,384, or more when N slots of the workload's longest
    request need it, because llama.cpp splits the context between slots), bench it, stop it.
 5. Start ``sgljax serve`` once, bench every workload, stop it.
-6. Print both tables and the ratios (sgljax / llama.cpp).
+6. The in-run references, with no server running: the bare jitted forward
+   (``bare_forward.py --batch 1 16 64``: the ceiling for the engine's decode step) and
+   transformers ``generate`` at workload (a)'s shape (``hf_generate_baseline.py``: the
+   naive baseline). ``--skip-reference`` leaves them out.
+7. Print both tables and the ratios (sgljax / llama.cpp).
 
 The two servers never run at the same time. Both are benched by the same client
 (``sgljax bench``) with the same seed, so the prompts are identical.
@@ -180,6 +184,8 @@ def main() -> None:
     p.add_argument("--output-file", default=None)
     p.add_argument("--skip-llama-cpp", action="store_true")
     p.add_argument("--skip-sgljax", action="store_true")
+    p.add_argument("--skip-reference", action="store_true",
+                   help="skip the bare forward and transformers generate runs")
     args = p.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     if any(n not in WORKLOADS for n in names):
@@ -212,6 +218,16 @@ def main() -> None:
             for name in names:
                 rows.append(("sgljax", name, run_workload(
                     name, srv.url, out, ["--backend", "sgljax", *common])))
+
+    if not args.skip_reference:
+        here = Path(__file__).resolve().parent
+        for script, extra in (("bare_forward.py", ["--batch", "1", "16", "64"]),
+                              ("hf_generate_baseline.py", ["--batch-sizes", "16",
+                                                           "--input-len", "256",
+                                                           "--output-len", "128"])):
+            print(f"== {script} {' '.join(extra)}", flush=True)
+            subprocess.run([sys.executable, str(here / script), "--model-path", str(model_dir),
+                            *extra], check=False)
 
     print_table(rows, f"sgljax vs llama.cpp · {model_dir.name} F32")
     print_ratios(rows, names)

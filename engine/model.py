@@ -70,49 +70,88 @@ class Decoder(nnx.Module):
             self.lm_head = _param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, (TP, None))
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))
 
+    def weights(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """(top-level weights, stacked layer weights), as plain arrays for ``forward``."""
+        top = {"embed": self.embed[...], "final_norm": self.final_norm[...],
+               "inv_freq": self.inv_freq[...]}
+        if not self.cfg.tie_word_embeddings:
+            top["lm_head"] = self.lm_head[...]
+        layers = {name: var[...] for name, var in vars(self.layers).items()
+                  if isinstance(var, nnx.Param)}
+        return top, layers
+
     def __call__(self, batch: StepBatch, k_cache: jax.Array,
                  v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache)."""
-        cfg = self.cfg
-        s, qn = batch.tokens.shape
-        n = s * qn
-        # Activations are feature-major, (features, tokens): see engine/layers.py.
-        h = self.embed[...][batch.tokens.reshape(n)].T  # (D, N)
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq[...], self.dtype)
-        layer_weights = {name: var[...] for name, var in vars(self.layers).items()
-                         if isinstance(var, nnx.Param)}
-        hd, nh, kvh = cfg.head_dim, cfg.num_heads, self.kv_heads
+        top, layers = self.weights()
+        return forward(self.cfg, self.kv_heads, top, layers, batch, k_cache, v_cache)
 
-        def heads(x, bias, count):  # (count * hd, N) → token-major (S, Q, count, hd)
-            if bias is not None:
-                x = x + bias[:, None]
-            return x.T.reshape(s, qn, count, hd)
 
-        def layer_step(carry, xs):
-            h, k_cache, v_cache = carry
-            w, layer = xs
-            x = rms_norm_features(h, w["input_norm"], cfg.rms_norm_eps)
-            bias = (lambda name: w[name]) if cfg.qkv_bias else (lambda name: None)
-            q = heads(w["q_proj"] @ x, bias("q_bias"), nh)
-            k = heads(w["k_proj"] @ x, bias("k_bias"), kvh)
-            v = heads(w["v_proj"] @ x, bias("v_bias"), kvh)
-            if cfg.qk_norm:
-                q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
-                k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k_cache, v_cache = write_kv(k_cache, v_cache, layer, batch.slots, k, v)
-            attn = paged_attention(q, k_cache, v_cache, layer, batch.page_table,
-                                   batch.positions, batch.kv_lens)
-            h = h + w["o_proj"] @ attn.reshape(n, nh * hd).T
-            x = rms_norm_features(h, w["post_attn_norm"], cfg.rms_norm_eps)
-            h = h + swiglu_mlp(x, w["gate_proj"], w["up_proj"], w["down_proj"])
-            return (h, k_cache, v_cache), None
+def unstack_layers(stacked: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
+    """Stacked layer weights → one dict of arrays per layer (see ``forward``)."""
+    num_layers = next(iter(stacked.values())).shape[0]
+    return [{name: w[i] for name, w in stacked.items()} for i in range(num_layers)]
 
-        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (h, k_cache, v_cache), _ = jax.lax.scan(
-            layer_step, (h, k_cache, v_cache), (layer_weights, layers))
-        last = h[:, jnp.arange(s) * qn + batch.last_index]  # (D, S): only the tokens we sample from
-        last = rms_norm_features(last, self.final_norm[...], cfg.rms_norm_eps)
-        head = self.embed[...] if cfg.tie_word_embeddings else self.lm_head[...]  # (V, D)
-        logits = jnp.dot(head, last, preferred_element_type=jnp.float32).T  # (S, V)
-        return logits, k_cache, v_cache
+
+def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
+            layers: dict[str, jax.Array] | list[dict[str, jax.Array]], batch: StepBatch,
+            k_cache: jax.Array, v_cache: jax.Array,
+            layer_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache).
+
+    ``layers`` is either the stacked weights (a leading (L,) axis each), run with
+    ``lax.scan`` (compile time does not grow with depth), or one dict per layer, run
+    unrolled. On XLA CPU a scan copies each layer's weights out of the stacked arrays
+    (a dynamic slice gets its own buffer), where separate arrays are read in place: the
+    dense path of a batch-1 SmolLM2 decode takes 42 ms scanned and 29 ms unrolled. The
+    model runner uses the unrolled form for batch-1 decode steps on CPU only: from batch
+    2 up, and for prefill, the whole unrolled step measured slower than the scan.
+    Unrolled, ``layer_ids`` (arange(L), passed in as data) index the KV cache, so the
+    cache is indexed by data in both forms.
+    """
+    dtype = top["embed"].dtype
+    s, qn = batch.tokens.shape
+    n = s * qn
+    # Activations are feature-major, (features, tokens): see engine/layers.py.
+    h = top["embed"][batch.tokens.reshape(n)].T  # (D, N)
+    cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
+    hd, nh, kvh = cfg.head_dim, cfg.num_heads, kv_heads
+
+    def heads(x, bias, count):  # (count * hd, N) → token-major (S, Q, count, hd)
+        if bias is not None:
+            x = x + bias[:, None]
+        return x.T.reshape(s, qn, count, hd)
+
+    def layer_step(carry, xs):
+        h, k_cache, v_cache = carry
+        w, layer = xs
+        x = rms_norm_features(h, w["input_norm"], cfg.rms_norm_eps)
+        bias = (lambda name: w[name]) if cfg.qkv_bias else (lambda name: None)
+        q = heads(w["q_proj"] @ x, bias("q_bias"), nh)
+        k = heads(w["k_proj"] @ x, bias("k_bias"), kvh)
+        v = heads(w["v_proj"] @ x, bias("v_bias"), kvh)
+        if cfg.qk_norm:
+            q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = write_kv(k_cache, v_cache, layer, batch.slots, k, v)
+        attn = paged_attention(q, k_cache, v_cache, layer, batch.page_table,
+                               batch.positions, batch.kv_lens)
+        h = h + w["o_proj"] @ attn.reshape(n, nh * hd).T
+        x = rms_norm_features(h, w["post_attn_norm"], cfg.rms_norm_eps)
+        h = h + swiglu_mlp(x, w["gate_proj"], w["up_proj"], w["down_proj"])
+        return (h, k_cache, v_cache), None
+
+    carry = (h, k_cache, v_cache)
+    if layer_ids is None:
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    if isinstance(layers, dict):
+        carry, _ = jax.lax.scan(layer_step, carry, (layers, layer_ids))
+    else:
+        for i, w in enumerate(layers):
+            carry, _ = layer_step(carry, (w, layer_ids[i]))
+    h, k_cache, v_cache = carry
+    last = h[:, jnp.arange(s) * qn + batch.last_index]  # (D, S): only the tokens we sample from
+    last = rms_norm_features(last, top["final_norm"], cfg.rms_norm_eps)
+    head = top["embed"] if cfg.tie_word_embeddings else top["lm_head"]  # (V, D)
+    logits = jnp.dot(head, last, preferred_element_type=jnp.float32).T  # (S, V)
+    return logits, k_cache, v_cache
