@@ -95,7 +95,8 @@ def unstack_layers(stacked: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
 def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
             layers: dict[str, jax.Array] | list[dict[str, jax.Array]], batch: StepBatch,
             k_cache: jax.Array, v_cache: jax.Array,
-            layer_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+            layer_ids: jax.Array | None = None,
+            decode_attention=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache).
 
     ``layers`` is either the stacked weights (a leading (L,) axis each), run with
@@ -107,6 +108,10 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     2 up, and for prefill, the whole unrolled step measured slower than the scan.
     Unrolled, ``layer_ids`` (arange(L), passed in as data) index the KV cache, so the
     cache is indexed by data in both forms.
+
+    ``decode_attention``, when given, replaces ``paged_attention`` in decode steps (one
+    query token per sequence): the model runner passes the CPU kernel
+    (kernels/cpu_decode_attention.py) where it runs.
     """
     dtype = top["embed"].dtype
     s, qn = batch.tokens.shape
@@ -115,6 +120,7 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     h = top["embed"][batch.tokens.reshape(n)].T  # (D, N)
     cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
     hd, nh, kvh = cfg.head_dim, cfg.num_heads, kv_heads
+    attention = decode_attention if decode_attention and qn == 1 else paged_attention
 
     def heads(x, bias, count):  # (count * hd, N) → token-major (S, Q, count, hd)
         if bias is not None:
@@ -134,8 +140,8 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
             k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, batch.slots, k, v)
-        attn = paged_attention(q, k_cache, v_cache, layer, batch.page_table,
-                               batch.positions, batch.kv_lens)
+        attn = attention(q, k_cache, v_cache, layer, batch.page_table, batch.positions,
+                         batch.kv_lens)
         h = h + w["o_proj"] @ attn.reshape(n, nh * hd).T
         x = rms_norm_features(h, w["post_attn_norm"], cfg.rms_norm_eps)
         h = h + swiglu_mlp(x, w["gate_proj"], w["up_proj"], w["down_proj"])

@@ -34,6 +34,7 @@ from sgljax.engine.model import Decoder, forward, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
 from sgljax.engine.scheduler import ScheduledBatch
+from sgljax.kernels import cpu_decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Launched:
     outputs: tuple  # tokens, logprobs, top ids, top logprobs
 
 
-def _step(cfg, kv_heads, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
+def _step(cfg, kv_heads, decode_attention, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
     # Rows whose input token the previous step sampled take it from the device.
     fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
     first = jnp.where(batch.prev_rows >= 0, fed, batch.tokens[:, 0])
@@ -61,7 +62,7 @@ def _step(cfg, kv_heads, weights, k_cache, v_cache, last_tokens, batch, sbatch, 
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
     layers = per_layer if per_layer and batch.tokens.shape == (1, 1) else stacked
     logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
-                                       layer_ids)
+                                       layer_ids, decode_attention)
     out = sample(logits, sbatch, adjust)
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
     return out, last_tokens, k_cache, v_cache
@@ -91,7 +92,13 @@ class ModelRunner:
         max_rows = max(plan.decode_batch + plan.prefill_batch)
         self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
         self._last_rows: dict[str, int] = {}
-        self._step = jax.jit(partial(_step, model.cfg, model.kv_heads), donate_argnums=(1, 2, 3),
+        # Decode steps on one CPU device read the KV pages with a C++ kernel: the pure-JAX
+        # gather moves the KV bytes about three times (kernels/cpu_decode_attention.py).
+        use_kernel = (mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+                      and self.k_cache.dtype == jnp.float32 and cpu_decode_attention.available())
+        self.decode_attention = cpu_decode_attention.cpu_decode_attention if use_kernel else None
+        self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, self.decode_attention),
+                             donate_argnums=(1, 2, 3),
                              out_shardings=((replicated,) * 4, replicated, kv_sharding,
                                             kv_sharding))
         self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers

@@ -1,0 +1,258 @@
+// Decode attention over the paged KV cache, for XLA's CPU backend (an XLA FFI handler).
+//
+// Why it exists: in pure JAX on XLA CPU, attention over pages must gather each block
+// of pages into a temporary before the dots read it, so the KV bytes cross memory
+// about three times; a decode step is bound by those bytes. This kernel reads each
+// key and value row once, straight from the pool. kernels/cpu_decode_attention.py
+// builds and registers it; kernels/paged_attention.py is the reference it is tested
+// against (tests/test_cpu_decode_attention.py).
+//
+// Layouts (float32): q (S, H, D); caches (L, pages, KV, page_size, D); page_table
+// (S, P); positions, kv_lens (S,); out (S, H, D). Query heads h = kv * group + g.
+// Sequence s sees tokens t < min(kv_lens[s], positions[s] + 1).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Job {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  const int32_t* table;
+  const int32_t* positions;
+  const int32_t* kv_lens;
+  int64_t S, H, KV, D, page_size, table_width, num_pages;
+  int64_t layer;
+  float scale;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Softmax of one query head's scores, in place (vectorized exp under -ffast-math).
+void Softmax(float* sg, int64_t n) {
+  float mx = sg[0];
+  for (int64_t t = 1; t < n; ++t) mx = std::max(mx, sg[t]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    sg[t] = std::exp(sg[t] - mx);
+    sum += sg[t];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
+}
+
+#if defined(__AVX512F__)
+// 16 vectors → one whose lane r is the sum of v[r]'s lanes (a transpose-and-add tree,
+// far cheaper than 16 horizontal sums).
+inline __m512 SumRows16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),  // pairs of floats move
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));  // as one double
+  }
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0b10001000),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0b11011101));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0b10001000),
+                       _mm512_shuffle_f32x4(w[0], w[1], 0b11011101));
+}
+
+// One (sequence, kv head) with head_dim D, pages of 16 rows: all `group` query heads
+// that share the kv head. Pass 1 writes scores, pass 2 sums values; the page being
+// read stays in L1 while every query head of the group uses it.
+template <int D>
+void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
+  constexpr int C = D / 16;
+  const int64_t s = unit / j.KV, kh = unit % j.KV, group = j.H / j.KV;
+  float* out = j.out + (s * j.H + kh * group) * D;
+  const int64_t n = std::min<int64_t>(j.kv_lens[s], int64_t{j.positions[s]} + 1);
+  if (n <= 0) {
+    std::fill(out, out + group * D, 0.0f);
+    return;
+  }
+  const int64_t padded = (n + 15) / 16 * 16;
+  scores.resize(group * padded);
+  const float* q = j.q + (s * j.H + kh * group) * D;
+  const int32_t* pages = j.table + s * j.table_width;
+  const int64_t page_stride = j.KV * 16 * D;
+  const float* kbase = j.k + j.layer * j.num_pages * page_stride + kh * 16 * D;
+  const float* vbase = j.v + j.layer * j.num_pages * page_stride + kh * 16 * D;
+  const __m512 scale = _mm512_set1_ps(j.scale);
+
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const float* kp = kbase + pages[t0 / 16] * page_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 qv[C], rows[16];
+      for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * D + c * 16);
+      for (int r = 0; r < 16; ++r) {
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp + r * D));
+        for (int c = 1; c < C; ++c)
+          acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kp + r * D + c * 16), acc);
+        rows[r] = acc;
+      }
+      _mm512_storeu_ps(scores.data() + g * padded + t0, _mm512_mul_ps(SumRows16(rows), scale));
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) Softmax(scores.data() + g * padded, n);
+  for (int64_t g = 0; g < group; ++g)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + c * 16, _mm512_setzero_ps());
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const float* vp = vbase + pages[t0 / 16] * page_stride;
+    const int64_t rows = std::min<int64_t>(16, n - t0);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* w = scores.data() + g * padded + t0;
+      __m512 acc[C];
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_loadu_ps(out + g * D + c * 16);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 wr = _mm512_set1_ps(w[r]);
+        for (int c = 0; c < C; ++c)
+          acc[c] = _mm512_fmadd_ps(wr, _mm512_loadu_ps(vp + r * D + c * 16), acc[c]);
+      }
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + c * 16, acc[c]);
+    }
+  }
+}
+#endif
+
+// Any head_dim and page size, scalar loops the compiler vectorizes.
+void RunUnitGeneric(const Job& j, int64_t unit, std::vector<float>& scores) {
+  const int64_t s = unit / j.KV, kh = unit % j.KV, group = j.H / j.KV, D = j.D;
+  float* out = j.out + (s * j.H + kh * group) * D;
+  const int64_t n = std::min<int64_t>(j.kv_lens[s], int64_t{j.positions[s]} + 1);
+  std::fill(out, out + group * D, 0.0f);
+  if (n <= 0) return;
+  scores.resize(group * n);
+  const float* q = j.q + (s * j.H + kh * group) * D;
+  const int32_t* pages = j.table + s * j.table_width;
+  const int64_t page_stride = j.KV * j.page_size * D;
+  const int64_t head_base = j.layer * j.num_pages * page_stride + kh * j.page_size * D;
+
+  for (int64_t t0 = 0; t0 < n; t0 += j.page_size) {
+    const float* kp = j.k + head_base + pages[t0 / j.page_size] * page_stride;
+    const int64_t rows = std::min(j.page_size, n - t0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* kr = kp + r * D;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = q + g * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * kr[d];
+        scores[g * n + t0 + r] = dot * j.scale;
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) Softmax(scores.data() + g * n, n);
+  for (int64_t t0 = 0; t0 < n; t0 += j.page_size) {
+    const float* vp = j.v + head_base + pages[t0 / j.page_size] * page_stride;
+    const int64_t rows = std::min(j.page_size, n - t0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* vr = vp + r * D;
+      for (int64_t g = 0; g < group; ++g) {
+        const float w = scores[g * n + t0 + r];
+        float* og = out + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) og[d] += w * vr[d];
+      }
+    }
+  }
+}
+
+void RunUnit(const Job& j, int64_t unit, std::vector<float>& scores) {
+#if defined(__AVX512F__)
+  if (j.page_size == 16 && j.D == 64) return RunUnit16<64>(j, unit, scores);
+  if (j.page_size == 16 && j.D == 128) return RunUnit16<128>(j, unit, scores);
+#endif
+  RunUnitGeneric(j, unit, scores);
+}
+
+void Work(Job& j) {
+  std::vector<float> scores;
+  const int64_t units = j.S * j.KV;
+  for (int64_t u; (u = j.next.fetch_add(1)) < units;) {
+    RunUnit(j, u, scores);
+    j.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
+                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
+                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> kv_lens,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), cd = k_cache.dimensions(), td = page_table.dimensions();
+  if (qd.size() != 3 || cd.size() != 5 || td.size() != 2 || qd[2] != cd[4] ||
+      qd[1] % cd[2] != 0 || td[0] != qd[0]) {
+    return ffi::Error::InvalidArgument("decode attention: mismatched shapes");
+  }
+  auto job = std::make_shared<Job>();
+  job->q = q.typed_data();
+  job->k = k_cache.typed_data();
+  job->v = v_cache.typed_data();
+  job->out = out->typed_data();
+  job->table = page_table.typed_data();
+  job->positions = positions.typed_data();
+  job->kv_lens = kv_lens.typed_data();
+  job->S = qd[0];
+  job->H = qd[1];
+  job->D = qd[2];
+  job->num_pages = cd[1];
+  job->KV = cd[2];
+  job->page_size = cd[3];
+  job->table_width = td[1];
+  job->layer = layer.typed_data()[0];
+  job->scale = 1.0f / std::sqrt(static_cast<float>(job->D));
+  if (job->layer < 0 || job->layer >= cd[0]) {
+    return ffi::Error::InvalidArgument("decode attention: layer out of range");
+  }
+  // Every page id must lie in the pool: a bad id would read outside the buffer.
+  const int64_t entries = td[0] * td[1];
+  for (int64_t i = 0; i < entries; ++i) {
+    if (job->table[i] < 0 || job->table[i] >= job->num_pages) {
+      return ffi::Error::InvalidArgument("decode attention: page id out of range");
+    }
+  }
+  const int64_t units = job->S * job->KV;
+  // This thread works too, so one helper per other core. Helpers share the job by
+  // shared_ptr: one may start after this call has returned, find nothing left, and end.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, units - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { Work(*job); });
+  Work(*job);
+  while (job->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SgljaxDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_cache
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_cache
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_table
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,92 @@
+"""The C++ CPU decode-attention kernel against the pure-JAX reference, and in the engine."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sgljax.kernels import cpu_decode_attention as kernel
+from sgljax.kernels.paged_attention import paged_attention_reference
+
+
+def test_builds_where_a_compiler_is():
+    # Without this, a broken build would pass every other test through the fallback.
+    if shutil.which("c++") or shutil.which("g++"):
+        assert kernel.available()
+
+
+def _case(rng, *, seqs, kv_heads, group, dim, page, pages_per_seq, layers=3):
+    num_pages = 1 + seqs * pages_per_seq
+    k = rng.standard_normal((layers, num_pages, kv_heads, page, dim)).astype(np.float32)
+    v = rng.standard_normal(k.shape).astype(np.float32)
+    table = rng.permutation(np.arange(1, num_pages)).reshape(seqs, pages_per_seq)
+    table = np.pad(table, ((0, 0), (0, 3))).astype(np.int32)  # padded like the engine's
+    q = rng.standard_normal((seqs, 1, kv_heads * group, dim)).astype(np.float32)
+    return q, k, v, table
+
+
+# (kv heads, group, head dim, page size): the AVX-512 paths (page 16, dim 64 or 128)
+# and the generic one.
+SHAPES = [(3, 3, 64, 16), (2, 2, 128, 16), (1, 1, 64, 16), (2, 4, 32, 8), (1, 2, 16, 4)]
+
+
+@pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
+@pytest.mark.parametrize("kv_heads,group,dim,page", SHAPES)
+def test_matches_reference(kv_heads, group, dim, page):
+    rng = np.random.default_rng(dim + page)
+    pages_per_seq = 5
+    q, k, v, table = _case(rng, seqs=6, kv_heads=kv_heads, group=group, dim=dim, page=page,
+                           pages_per_seq=pages_per_seq)
+    full = pages_per_seq * page
+    # Lengths on and off page edges; a padded row (length 1 on page 0, as the engine
+    # pads); a query that sees less than its sequence holds (position < length - 1).
+    kv_lens = np.asarray([1, page, page + 1, full, full - 3, 1], np.int32)
+    positions = (kv_lens - 1)[:, None].astype(np.int32)
+    positions[4, 0] = page + 2
+    table[5] = 0
+    for layer in (0, 2):
+        want = paged_attention_reference(q, k, v, jnp.int32(layer), table, positions, kv_lens)
+        got = kernel.cpu_decode_attention(jnp.asarray(q), k, v, jnp.int32(layer), table,
+                                          jnp.asarray(positions), jnp.asarray(kv_lens))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
+def test_bad_page_id_is_an_error_not_a_wild_read():
+    rng = np.random.default_rng(0)
+    q, k, v, table = _case(rng, seqs=2, kv_heads=1, group=1, dim=64, page=16, pages_per_seq=2)
+    table[1, 0] = k.shape[1]  # one past the pool
+    lens = np.asarray([20, 20], np.int32)
+    with pytest.raises(Exception, match="page id out of range"):
+        jax.block_until_ready(kernel.cpu_decode_attention(
+            jnp.asarray(q), k, v, jnp.int32(0), table, jnp.asarray(lens[:, None] - 1), lens))
+
+
+@pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
+def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch):
+    from sgljax.engine.engine import Engine
+    from sgljax.engine.sampling import SamplingParams
+
+    prompts = [[5, 9, 13, 200 + i] * (3 + 4 * i) for i in range(5)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    def run():
+        engine = Engine(model_path=str(tiny_models["qwen3"]), max_running_requests=8,
+                        context_length=256, max_total_tokens=4096, page_size=16)
+        outs = engine.generate(prompts, params)
+        return engine.runner.decode_attention, [o["token_ids"] for o in outs]
+
+    used, with_kernel = run()
+    assert used is not None
+    kernel.available.cache_clear()
+    monkeypatch.setenv("SGLJAX_DISABLE_CPU_KERNELS", "1")
+    try:
+        unused, without = run()
+    finally:
+        kernel.available.cache_clear()
+    assert unused is None
+    assert with_kernel == without
