@@ -14,10 +14,12 @@ from flax import nnx
 
 from sgljax.engine.batch import StepBatch
 from sgljax.engine.config import ModelConfig, rope_inv_freq
-from sgljax.engine.layers import apply_rope, rms_norm, rms_norm_features, rope_cos_sin, swiglu_mlp
+from sgljax.engine.layers import apply_rope, rms_norm, rms_norm_features, rope_cos_sin
+from sgljax.kernels import cpu_linear
 from sgljax.kernels.paged_attention import paged_attention, write_kv
 
 TP = "tp"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, sharding, scale=0.02, ones=False):
@@ -96,7 +98,7 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
             layers: dict[str, jax.Array] | list[dict[str, jax.Array]], batch: StepBatch,
             k_cache: jax.Array, v_cache: jax.Array,
             layer_ids: jax.Array | None = None,
-            decode_attention=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+            decode_attention=None, decode_linear=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache).
 
     ``layers`` is either the stacked weights (a leading (L,) axis each), run with
@@ -111,7 +113,10 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
 
     ``decode_attention``, when given, replaces ``paged_attention`` in decode steps (one
     query token per sequence): the model runner passes the CPU kernel
-    (kernels/cpu_decode_attention.py) where it runs.
+    (kernels/cpu_decode_attention.py) where it runs. ``decode_linear(w, layer, x)``,
+    when given, computes ``w[layer] @ x`` over the stacked weights in decode steps of
+    at most ``cpu_linear.MAX_TOKENS`` tokens: the CPU kernel reads the layer's slice in
+    place (kernels/cpu_linear.py), so the scan copies no weights.
     """
     dtype = top["embed"].dtype
     s, qn = batch.tokens.shape
@@ -121,6 +126,14 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
     hd, nh, kvh = cfg.head_dim, cfg.num_heads, kv_heads
     attention = decode_attention if decode_attention and qn == 1 else paged_attention
+    if (decode_linear and qn == 1 and n <= cpu_linear.MAX_TOKENS
+            and isinstance(layers, dict)):
+        # The projections stay whole, closed over; the scan slices only norms and biases.
+        whole = {name: layers[name] for name in PROJECTIONS}
+        layers = {name: w for name, w in layers.items() if name not in PROJECTIONS}
+        mm = lambda w, name, layer, x: decode_linear(whole[name], layer, x)  # noqa: E731
+    else:
+        mm = lambda w, name, layer, x: w[name] @ x  # noqa: E731
 
     def heads(x, bias, count):  # (count * hd, N) → token-major (S, Q, count, hd)
         if bias is not None:
@@ -132,9 +145,9 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
         w, layer = xs
         x = rms_norm_features(h, w["input_norm"], cfg.rms_norm_eps)
         bias = (lambda name: w[name]) if cfg.qkv_bias else (lambda name: None)
-        q = heads(w["q_proj"] @ x, bias("q_bias"), nh)
-        k = heads(w["k_proj"] @ x, bias("k_bias"), kvh)
-        v = heads(w["v_proj"] @ x, bias("v_bias"), kvh)
+        q = heads(mm(w, "q_proj", layer, x), bias("q_bias"), nh)
+        k = heads(mm(w, "k_proj", layer, x), bias("k_bias"), kvh)
+        v = heads(mm(w, "v_proj", layer, x), bias("v_bias"), kvh)
         if cfg.qk_norm:
             q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
@@ -142,9 +155,10 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, batch.slots, k, v)
         attn = attention(q, k_cache, v_cache, layer, batch.page_table, batch.positions,
                          batch.kv_lens)
-        h = h + w["o_proj"] @ attn.reshape(n, nh * hd).T
+        h = h + mm(w, "o_proj", layer, attn.reshape(n, nh * hd).T)
         x = rms_norm_features(h, w["post_attn_norm"], cfg.rms_norm_eps)
-        h = h + swiglu_mlp(x, w["gate_proj"], w["up_proj"], w["down_proj"])
+        gated = jax.nn.silu(mm(w, "gate_proj", layer, x)) * mm(w, "up_proj", layer, x)
+        h = h + mm(w, "down_proj", layer, gated)  # SwiGLU MLP
         return (h, k_cache, v_cache), None
 
     carry = (h, k_cache, v_cache)

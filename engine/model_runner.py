@@ -34,7 +34,7 @@ from sgljax.engine.model import Decoder, forward, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
 from sgljax.engine.scheduler import ScheduledBatch
-from sgljax.kernels import cpu_decode_attention
+from sgljax.kernels import cpu_decode_attention, cpu_linear
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Launched:
     outputs: tuple  # tokens, logprobs, top ids, top logprobs
 
 
-def _step(cfg, kv_heads, decode_attention, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
+def _step(cfg, kv_heads, decode_attention, decode_linear, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
     # Rows whose input token the previous step sampled take it from the device.
     fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
     first = jnp.where(batch.prev_rows >= 0, fed, batch.tokens[:, 0])
@@ -62,7 +62,7 @@ def _step(cfg, kv_heads, decode_attention, weights, k_cache, v_cache, last_token
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
     layers = per_layer if per_layer and batch.tokens.shape == (1, 1) else stacked
     logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
-                                       layer_ids, decode_attention)
+                                       layer_ids, decode_attention, decode_linear)
     out = sample(logits, sbatch, adjust)
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
     return out, last_tokens, k_cache, v_cache
@@ -77,27 +77,34 @@ class ModelRunner:
         self.page_size = kv_spec.page_size
         self.vocab_size = model.cfg.vocab_size
         top, stacked = model.weights()
-        # On CPU a single decoding sequence runs its layers unrolled over a second,
-        # per-layer copy of the weights: 17% faster at batch 1 (engine/model.py's forward
-        # says why), slower from batch 2 up, where the scan stays.
+        self.k_cache, self.v_cache = kv_spec.allocate(mesh)
+        # Decode steps on one CPU device use C++ kernels (kernels/cpu_*.py): attention
+        # reads the KV pages once (the pure-JAX gather moves them about three times), and
+        # matmuls of up to cpu_linear.MAX_TOKENS tokens read each layer's weights in place.
+        cpu_alone = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+        f32 = self.k_cache.dtype == jnp.float32 and top["embed"].dtype == jnp.float32
+        self.decode_attention = (cpu_decode_attention.cpu_decode_attention
+                                 if cpu_alone and f32 and cpu_decode_attention.available()
+                                 else None)
+        self.decode_linear = (cpu_linear.linear if cpu_alone and f32 and cpu_linear.available()
+                              else None)
+        # Without the matmul kernel, a single decoding sequence on CPU runs its layers
+        # unrolled over a second, per-layer copy of the weights: 17% faster at batch 1
+        # (engine/model.py's forward says why), slower from batch 2 up.
         per_layer = (jax.jit(unstack_layers)(stacked)
-                     if mesh.devices.flat[0].platform == "cpu" else [])
+                     if mesh.devices.flat[0].platform == "cpu" and not self.decode_linear
+                     else [])
         layer_ids = global_array(np.arange(model.cfg.num_layers, dtype=np.int32),
                                  NamedSharding(mesh, P()))
         self.state = (top, stacked, per_layer, layer_ids)
-        self.k_cache, self.v_cache = kv_spec.allocate(mesh)
         replicated = NamedSharding(mesh, P())
         kv_sharding = self.k_cache.sharding
         # The previous step's sampled tokens, one slot per row of the widest bucket.
         max_rows = max(plan.decode_batch + plan.prefill_batch)
         self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
         self._last_rows: dict[str, int] = {}
-        # Decode steps on one CPU device read the KV pages with a C++ kernel: the pure-JAX
-        # gather moves the KV bytes about three times (kernels/cpu_decode_attention.py).
-        use_kernel = (mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-                      and self.k_cache.dtype == jnp.float32 and cpu_decode_attention.available())
-        self.decode_attention = cpu_decode_attention.cpu_decode_attention if use_kernel else None
-        self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, self.decode_attention),
+        self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, self.decode_attention,
+                                     self.decode_linear),
                              donate_argnums=(1, 2, 3),
                              out_shardings=((replicated,) * 4, replicated, kv_sharding,
                                             kv_sharding))

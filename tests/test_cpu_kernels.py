@@ -1,4 +1,4 @@
-"""The C++ CPU decode-attention kernel against the pure-JAX reference, and in the engine."""
+"""The C++ CPU kernels against their references, and in the engine (with and without)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sgljax.kernels import cpu_decode_attention as kernel
+from sgljax.kernels import cpu_linear
 from sgljax.kernels.paged_attention import paged_attention_reference
 
 
@@ -17,6 +18,22 @@ def test_builds_where_a_compiler_is():
     # Without this, a broken build would pass every other test through the fallback.
     if shutil.which("c++") or shutil.which("g++"):
         assert kernel.available()
+        with open("/proc/cpuinfo") as f:
+            if "avx512f" in f.read():
+                assert cpu_linear.available()
+
+
+@pytest.mark.skipif(not cpu_linear.available(), reason="no C++ compiler or no AVX-512")
+@pytest.mark.parametrize("n,k", [(576, 576), (192, 1536), (50, 37), (7, 16), (33, 100)])
+def test_linear_matches_numpy(n, k):
+    rng = np.random.default_rng(n * k)
+    w = rng.standard_normal((3, n, k)).astype(np.float32)
+    for m in (1, 3, 4, 5, 8, 16, 17, 33):  # both code paths (under and over 16 tokens)
+        x = rng.standard_normal((k, m)).astype(np.float32)
+        for layer in (0, 2):
+            got = np.asarray(cpu_linear.linear(jnp.asarray(w), jnp.int32(layer), jnp.asarray(x)))
+            want = w[layer].astype(np.float64) @ x
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 
 def _case(rng, *, seqs, kv_heads, group, dim, page, pages_per_seq, layers=3):
@@ -78,15 +95,17 @@ def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch):
         engine = Engine(model_path=str(tiny_models["qwen3"]), max_running_requests=8,
                         context_length=256, max_total_tokens=4096, page_size=16)
         outs = engine.generate(prompts, params)
-        return engine.runner.decode_attention, [o["token_ids"] for o in outs]
+        runner = engine.runner
+        return (runner.decode_attention, runner.decode_linear), [o["token_ids"] for o in outs]
 
     used, with_kernel = run()
-    assert used is not None
-    kernel.available.cache_clear()
+    assert used[0] is not None
+    assert (used[1] is not None) == cpu_linear.available()
+    kernel.cpu_build.load.cache_clear()
     monkeypatch.setenv("SGLJAX_DISABLE_CPU_KERNELS", "1")
     try:
         unused, without = run()
     finally:
-        kernel.available.cache_clear()
-    assert unused is None
+        kernel.cpu_build.load.cache_clear()
+    assert unused == (None, None)
     assert with_kernel == without
