@@ -2,7 +2,7 @@
 
 Each ``.cc`` beside this file is compiled with the system C++ compiler (``-O3
 -march=native``: the machine that runs a kernel builds it) into the sgljax
-cache, keyed by the source, the flags, the jaxlib version and the CPU, and its
+cache, keyed by the source and headers, the flags, the jaxlib version and the CPU, and its
 handler symbols are registered as FFI targets for the CPU platform. Anything
 that fails (no compiler, a CPU without the instructions) leaves the kernel
 unavailable, and its callers use their pure-JAX path.
@@ -48,8 +48,9 @@ def _cpu_signature() -> str:
 
 def _build(source: Path) -> Path:
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
-                 _cpu_signature().encode()):
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, " ".join(FLAGS).encode(),
+                 jaxlib.__version__.encode(), _cpu_signature().encode()):
         key.update(part)
     out = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if out.exists():

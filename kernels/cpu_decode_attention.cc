@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -60,24 +61,7 @@ void Softmax(float* sg, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-// 16 vectors → one whose lane r is the sum of v[r]'s lanes (a transpose-and-add tree,
-// far cheaper than 16 horizontal sums).
-inline __m512 SumRows16(const __m512* v) {
-  __m512 t[8], u[4], w[2];
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),  // pairs of floats move
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));  // as one double
-  }
-  for (int i = 0; i < 2; ++i)
-    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0b10001000),
-                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0b11011101));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0b10001000),
-                       _mm512_shuffle_f32x4(w[0], w[1], 0b11011101));
-}
+using sgljax::SumRows16;
 
 // One (sequence, kv head) with head_dim D, pages of 16 rows: all `group` query heads
 // that share the kv head. Pass 1 writes scores, pass 2 sums values; the page being
