@@ -28,7 +28,7 @@ def test_builds_where_a_compiler_is():
 def test_linear_matches_numpy(n, k):
     rng = np.random.default_rng(n * k)
     w = rng.standard_normal((3, n, k)).astype(np.float32)
-    for m in (1, 3, 4, 5, 8, 16, 17, 33):  # both code paths (under and over 16 tokens)
+    for m in (1, 3, 4, 5, 8, 16, 17, 33, 64, 70):  # every code path, with tails
         x = rng.standard_normal((k, m)).astype(np.float32)
         for layer in (0, 2):
             got = np.asarray(cpu_linear.linear(jnp.asarray(w), jnp.int32(layer), jnp.asarray(x)))
