@@ -98,7 +98,7 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
             layers: dict[str, jax.Array] | list[dict[str, jax.Array]], batch: StepBatch,
             k_cache: jax.Array, v_cache: jax.Array,
             layer_ids: jax.Array | None = None,
-            decode_attention=None, decode_linear=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+            attention_kernel=None, decode_linear=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache).
 
     ``layers`` is either the stacked weights (a leading (L,) axis each), run with
@@ -111,9 +111,8 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     Unrolled, ``layer_ids`` (arange(L), passed in as data) index the KV cache, so the
     cache is indexed by data in both forms.
 
-    ``decode_attention``, when given, replaces ``paged_attention`` in decode steps (one
-    query token per sequence): the model runner passes the CPU kernel
-    (kernels/cpu_decode_attention.py) where it runs. ``decode_linear(w, layer, x)``,
+    ``attention_kernel``, when given, replaces ``paged_attention``: the model runner
+    passes the CPU kernel (kernels/cpu_paged_attention.py) where it runs. ``decode_linear(w, layer, x)``,
     when given, computes ``w[layer] @ x`` over the stacked weights in decode steps of
     at most ``cpu_linear.MAX_TOKENS`` tokens: the CPU kernel reads the layer's slice in
     place (kernels/cpu_linear.py), so the scan copies no weights.
@@ -125,7 +124,7 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     h = top["embed"][batch.tokens.reshape(n)].T  # (D, N)
     cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
     hd, nh, kvh = cfg.head_dim, cfg.num_heads, kv_heads
-    attention = decode_attention if decode_attention and qn == 1 else paged_attention
+    attention = attention_kernel or paged_attention
     if (decode_linear and qn == 1 and n <= cpu_linear.MAX_TOKENS
             and isinstance(layers, dict)):
         # The projections stay whole, closed over; the scan slices only norms and biases.

@@ -34,7 +34,7 @@ from sgljax.engine.model import Decoder, forward, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
 from sgljax.engine.scheduler import ScheduledBatch
-from sgljax.kernels import cpu_decode_attention, cpu_linear
+from sgljax.kernels import cpu_linear, cpu_paged_attention
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Launched:
     outputs: tuple  # tokens, logprobs, top ids, top logprobs
 
 
-def _step(cfg, kv_heads, decode_attention, decode_linear, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
+def _step(cfg, kv_heads, attention_kernel, decode_linear, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
     # Rows whose input token the previous step sampled take it from the device.
     fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
     first = jnp.where(batch.prev_rows >= 0, fed, batch.tokens[:, 0])
@@ -62,7 +62,7 @@ def _step(cfg, kv_heads, decode_attention, decode_linear, weights, k_cache, v_ca
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
     layers = per_layer if per_layer and batch.tokens.shape == (1, 1) else stacked
     logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
-                                       layer_ids, decode_attention, decode_linear)
+                                       layer_ids, attention_kernel, decode_linear)
     out = sample(logits, sbatch, adjust)
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
     return out, last_tokens, k_cache, v_cache
@@ -78,13 +78,13 @@ class ModelRunner:
         self.vocab_size = model.cfg.vocab_size
         top, stacked = model.weights()
         self.k_cache, self.v_cache = kv_spec.allocate(mesh)
-        # Decode steps on one CPU device use C++ kernels (kernels/cpu_*.py): attention
-        # reads the KV pages once (the pure-JAX gather moves them about three times), and
+        # On one CPU device, steps use C++ kernels (kernels/cpu_*.py): attention reads the
+        # KV pages once (the pure-JAX gather moves them about three times), and decode
         # matmuls of up to cpu_linear.MAX_TOKENS tokens read each layer's weights in place.
         cpu_alone = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
         f32 = self.k_cache.dtype == jnp.float32 and top["embed"].dtype == jnp.float32
-        self.decode_attention = (cpu_decode_attention.cpu_decode_attention
-                                 if cpu_alone and f32 and cpu_decode_attention.available()
+        self.attention_kernel = (cpu_paged_attention.cpu_paged_attention
+                                 if cpu_alone and f32 and cpu_paged_attention.available()
                                  else None)
         self.decode_linear = (cpu_linear.linear if cpu_alone and f32 and cpu_linear.available()
                               else None)
@@ -103,7 +103,7 @@ class ModelRunner:
         max_rows = max(plan.decode_batch + plan.prefill_batch)
         self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
         self._last_rows: dict[str, int] = {}
-        self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, self.decode_attention,
+        self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, self.attention_kernel,
                                      self.decode_linear),
                              donate_argnums=(1, 2, 3),
                              out_shardings=((replicated,) * 4, replicated, kv_sharding,

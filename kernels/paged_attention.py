@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 MASK_VALUE = -1e30  # finite, so padded rows with nothing to attend to stay NaN-free
 BLOCK_PAGES = 8  # pages per block: 128 tokens at page size 16, the fastest of 2-40 measured on CPU
+QUERY_TILE = 128  # queries per tile in long prefill chunks
 
 
 def gather_pages(cache: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Array:
@@ -46,13 +47,29 @@ def paged_attention(
     positions: jax.Array,  # (S, Q) absolute position of each query token
     kv_lens: jax.Array,  # (S,) tokens in the cache for each sequence
     block_pages: int = BLOCK_PAGES,
+    query_tile: int = QUERY_TILE,
 ) -> jax.Array:
+    """Long prefill chunks go a tile of queries at a time: each tile stops at the block
+    holding its own last position, so a chunk skips the blocks causality hides from its
+    early queries (half the work of a fresh prompt)."""
+    qn = q.shape[1]
+    if qn <= query_tile:
+        return _attend(q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pages)
+    tiles = [_attend(q[:, i:i + query_tile], k_cache, v_cache, layer, page_table,
+                     positions[:, i:i + query_tile], kv_lens, block_pages)
+             for i in range(0, qn, query_tile)]
+    return jnp.concatenate(tiles, axis=1)
+
+
+def _attend(q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pages):
     s, qn, h, d = q.shape
     kvh, page_size = k_cache.shape[2], k_cache.shape[3]
     group = h // kvh
     block_tokens = block_pages * page_size
     table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % block_pages)))
-    num_blocks = (jnp.max(kv_lens) + block_tokens - 1) // block_tokens
+    # Keys past a query's position are hidden from it: stop after the last one seen.
+    seen = jnp.minimum(kv_lens, jnp.max(positions, axis=1) + 1)
+    num_blocks = (jnp.max(seen) + block_tokens - 1) // block_tokens
     qg = (q * (1.0 / jnp.sqrt(jnp.float32(d))).astype(q.dtype)).reshape(s, qn, kvh, group, d)
 
     def block(b, carry):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sgljax.kernels import cpu_decode_attention as kernel
+from sgljax.kernels import cpu_paged_attention as kernel
 from sgljax.kernels import cpu_linear
 from sgljax.kernels.paged_attention import paged_attention_reference
 
@@ -67,9 +67,32 @@ def test_matches_reference(kv_heads, group, dim, page):
     table[5] = 0
     for layer in (0, 2):
         want = paged_attention_reference(q, k, v, jnp.int32(layer), table, positions, kv_lens)
-        got = kernel.cpu_decode_attention(jnp.asarray(q), k, v, jnp.int32(layer), table,
+        got = kernel.cpu_paged_attention(jnp.asarray(q), k, v, jnp.int32(layer), table,
                                           jnp.asarray(positions), jnp.asarray(kv_lens))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
+@pytest.mark.parametrize("kv_heads,group,dim,page", SHAPES)
+def test_prefill_chunks_match_reference(kv_heads, group, dim, page):
+    """Several query tokens per sequence: fresh prompts, chunks after a cached prefix,
+    and padded query rows (position 0), as the engine packs a prefill step."""
+    rng = np.random.default_rng(7 * dim + page)
+    pages_per_seq = 6
+    q1, k, v, table = _case(rng, seqs=4, kv_heads=kv_heads, group=group, dim=dim, page=page,
+                            pages_per_seq=pages_per_seq)
+    qn = 2 * page + 3
+    q = rng.standard_normal((4, qn) + q1.shape[2:]).astype(np.float32)
+    chunk = [qn, qn - 5, 1, 9]  # tokens of each sequence in this step
+    kv_lens = np.asarray([qn, 4 * page, 2 * page + 1, pages_per_seq * page], np.int32)
+    positions = np.zeros((4, qn), np.int32)
+    for i, (n, kv) in enumerate(zip(chunk, kv_lens)):
+        positions[i, :n] = np.arange(kv - n, kv)
+    want = np.asarray(paged_attention_reference(q, k, v, jnp.int32(1), table, positions, kv_lens))
+    got = np.asarray(kernel.cpu_paged_attention(jnp.asarray(q), k, v, jnp.int32(1), table,
+                                                jnp.asarray(positions), jnp.asarray(kv_lens)))
+    for i, n in enumerate(chunk):  # rows past a sequence's chunk are padding
+        np.testing.assert_allclose(got[i, :n], want[i, :n], rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
@@ -79,7 +102,7 @@ def test_bad_page_id_is_an_error_not_a_wild_read():
     table[1, 0] = k.shape[1]  # one past the pool
     lens = np.asarray([20, 20], np.int32)
     with pytest.raises(Exception, match="page id out of range"):
-        jax.block_until_ready(kernel.cpu_decode_attention(
+        jax.block_until_ready(kernel.cpu_paged_attention(
             jnp.asarray(q), k, v, jnp.int32(0), table, jnp.asarray(lens[:, None] - 1), lens))
 
 
@@ -96,7 +119,7 @@ def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch):
                         context_length=256, max_total_tokens=4096, page_size=16)
         outs = engine.generate(prompts, params)
         runner = engine.runner
-        return (runner.decode_attention, runner.decode_linear), [o["token_ids"] for o in outs]
+        return (runner.attention_kernel, runner.decode_linear), [o["token_ids"] for o in outs]
 
     used, with_kernel = run()
     assert used[0] is not None

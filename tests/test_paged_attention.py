@@ -50,13 +50,15 @@ def _dense(q, k_cache, v_cache, layer, table, positions, kv_lens, q_lens):
     ([1, 7, 33, 64], [1, 1, 1, 1]),  # decode, lengths around block edges
     ([20, 45, 9], [20, 5, 3]),  # prefill chunks, with and without a cached prefix
 ])
-@pytest.mark.parametrize("block_pages", [1, 3, 4])
-def test_blocked_matches_dense_and_reference(kv_lens, q_lens, block_pages):
+@pytest.mark.parametrize("block_pages,query_tile", [(1, 128), (3, 128), (4, 128), (1, 4),
+                                                    (3, 7)])
+def test_blocked_matches_dense_and_reference(kv_lens, q_lens, block_pages, query_tile):
+    """query_tile below the chunk length: tiles of queries stop at their own last block."""
     rng = np.random.default_rng(sum(kv_lens) + block_pages)
     q, kc, vc, table, pos, kvl = _case(rng, kv_lens, q_lens, pages_per_seq=20)
     args = (jnp.asarray(q), jnp.asarray(kc), jnp.asarray(vc), jnp.int32(1), jnp.asarray(table),
             jnp.asarray(pos), jnp.asarray(kvl))
-    blocked = np.asarray(paged_attention(*args, block_pages=block_pages))
+    blocked = np.asarray(paged_attention(*args, block_pages=block_pages, query_tile=query_tile))
     reference = np.asarray(paged_attention_reference(*args))
     dense = _dense(q, kc, vc, 1, table, pos, kvl, q_lens)
     for i, n in enumerate(q_lens):  # rows past a sequence's chunk are padding

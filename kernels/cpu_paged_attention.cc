@@ -1,15 +1,18 @@
-// Decode attention over the paged KV cache, for XLA's CPU backend (an XLA FFI handler).
+// Attention over the paged KV cache, for XLA's CPU backend (an XLA FFI handler).
 //
 // Why it exists: in pure JAX on XLA CPU, attention over pages must gather each block
 // of pages into a temporary before the dots read it, so the KV bytes cross memory
-// about three times; a decode step is bound by those bytes. This kernel reads each
-// key and value row once, straight from the pool. kernels/cpu_decode_attention.py
-// builds and registers it; kernels/paged_attention.py is the reference it is tested
-// against (tests/test_cpu_decode_attention.py).
+// about three times, and a prefill chunk also pays for masking and for the keys that
+// causality hides. This kernel reads each key and value row straight from the pool,
+// only up to each query's own position. kernels/cpu_paged_attention.py builds and
+// registers it; kernels/paged_attention.py is the reference it is tested against
+// (tests/test_cpu_kernels.py).
 //
-// Layouts (float32): q (S, H, D); caches (L, pages, KV, page_size, D); page_table
-// (S, P); positions, kv_lens (S,); out (S, H, D). Query heads h = kv * group + g.
-// Sequence s sees tokens t < min(kv_lens[s], positions[s] + 1).
+// Layouts (float32): q (S, Q, H, D); caches (L, pages, KV, page_size, D); page_table
+// (S, P); positions (S, Q); kv_lens (S,); out (S, Q, H, D). Query heads h = kv * group
+// + g. Query (s, i) sees tokens t < min(kv_lens[s], positions[s, i] + 1). A unit of
+// work is one query token and one kv head; units of the same sequence run in order,
+// so its pages stay in cache between them.
 
 #include <algorithm>
 #include <atomic>
@@ -38,7 +41,7 @@ struct Job {
   const int32_t* table;
   const int32_t* positions;
   const int32_t* kv_lens;
-  int64_t S, H, KV, D, page_size, table_width, num_pages;
+  int64_t S, Q, H, KV, D, page_size, table_width, num_pages;
   int64_t layer;
   float scale;
   std::atomic<int64_t> next{0};
@@ -69,16 +72,16 @@ using sgljax::SumRows16;
 template <int D>
 void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
   constexpr int C = D / 16;
-  const int64_t s = unit / j.KV, kh = unit % j.KV, group = j.H / j.KV;
-  float* out = j.out + (s * j.H + kh * group) * D;
-  const int64_t n = std::min<int64_t>(j.kv_lens[s], int64_t{j.positions[s]} + 1);
+  const int64_t row = unit / j.KV, kh = unit % j.KV, s = row / j.Q, group = j.H / j.KV;
+  float* out = j.out + (row * j.H + kh * group) * D;
+  const int64_t n = std::min<int64_t>(j.kv_lens[s], int64_t{j.positions[row]} + 1);
   if (n <= 0) {
     std::fill(out, out + group * D, 0.0f);
     return;
   }
   const int64_t padded = (n + 15) / 16 * 16;
   scores.resize(group * padded);
-  const float* q = j.q + (s * j.H + kh * group) * D;
+  const float* q = j.q + (row * j.H + kh * group) * D;
   const int32_t* pages = j.table + s * j.table_width;
   const int64_t page_stride = j.KV * 16 * D;
   const float* kbase = j.k + j.layer * j.num_pages * page_stride + kh * 16 * D;
@@ -122,13 +125,14 @@ void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
 
 // Any head_dim and page size, scalar loops the compiler vectorizes.
 void RunUnitGeneric(const Job& j, int64_t unit, std::vector<float>& scores) {
-  const int64_t s = unit / j.KV, kh = unit % j.KV, group = j.H / j.KV, D = j.D;
-  float* out = j.out + (s * j.H + kh * group) * D;
-  const int64_t n = std::min<int64_t>(j.kv_lens[s], int64_t{j.positions[s]} + 1);
+  const int64_t row = unit / j.KV, kh = unit % j.KV, s = row / j.Q, group = j.H / j.KV;
+  const int64_t D = j.D;
+  float* out = j.out + (row * j.H + kh * group) * D;
+  const int64_t n = std::min<int64_t>(j.kv_lens[s], int64_t{j.positions[row]} + 1);
   std::fill(out, out + group * D, 0.0f);
   if (n <= 0) return;
   scores.resize(group * n);
-  const float* q = j.q + (s * j.H + kh * group) * D;
+  const float* q = j.q + (row * j.H + kh * group) * D;
   const int32_t* pages = j.table + s * j.table_width;
   const int64_t page_stride = j.KV * j.page_size * D;
   const int64_t head_base = j.layer * j.num_pages * page_stride + kh * j.page_size * D;
@@ -173,22 +177,22 @@ void RunUnit(const Job& j, int64_t unit, std::vector<float>& scores) {
 
 void Work(Job& j) {
   std::vector<float> scores;
-  const int64_t units = j.S * j.KV;
+  const int64_t units = j.S * j.Q * j.KV;
   for (int64_t u; (u = j.next.fetch_add(1)) < units;) {
     RunUnit(j, u, scores);
     j.done.fetch_add(1, std::memory_order_release);
   }
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                            ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
                            ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
                            ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> kv_lens,
                            ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), cd = k_cache.dimensions(), td = page_table.dimensions();
-  if (qd.size() != 3 || cd.size() != 5 || td.size() != 2 || qd[2] != cd[4] ||
-      qd[1] % cd[2] != 0 || td[0] != qd[0]) {
-    return ffi::Error::InvalidArgument("decode attention: mismatched shapes");
+  if (qd.size() != 4 || cd.size() != 5 || td.size() != 2 || qd[3] != cd[4] ||
+      qd[2] % cd[2] != 0 || td[0] != qd[0] || positions.element_count() != qd[0] * qd[1]) {
+    return ffi::Error::InvalidArgument("paged attention: mismatched shapes");
   }
   auto job = std::make_shared<Job>();
   job->q = q.typed_data();
@@ -199,8 +203,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   job->positions = positions.typed_data();
   job->kv_lens = kv_lens.typed_data();
   job->S = qd[0];
-  job->H = qd[1];
-  job->D = qd[2];
+  job->Q = qd[1];
+  job->H = qd[2];
+  job->D = qd[3];
   job->num_pages = cd[1];
   job->KV = cd[2];
   job->page_size = cd[3];
@@ -208,16 +213,16 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   job->layer = layer.typed_data()[0];
   job->scale = 1.0f / std::sqrt(static_cast<float>(job->D));
   if (job->layer < 0 || job->layer >= cd[0]) {
-    return ffi::Error::InvalidArgument("decode attention: layer out of range");
+    return ffi::Error::InvalidArgument("paged attention: layer out of range");
   }
   // Every page id must lie in the pool: a bad id would read outside the buffer.
   const int64_t entries = td[0] * td[1];
   for (int64_t i = 0; i < entries; ++i) {
     if (job->table[i] < 0 || job->table[i] >= job->num_pages) {
-      return ffi::Error::InvalidArgument("decode attention: page id out of range");
+      return ffi::Error::InvalidArgument("paged attention: page id out of range");
     }
   }
-  const int64_t units = job->S * job->KV;
+  const int64_t units = job->S * job->Q * job->KV;
   // This thread works too, so one helper per other core. Helpers share the job by
   // shared_ptr: one may start after this call has returned, find nothing left, and end.
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, units - 1);
@@ -229,7 +234,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SgljaxDecodeAttention, DecodeAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SgljaxPagedAttention, PagedAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
