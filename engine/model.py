@@ -106,8 +106,10 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     unrolled. On XLA CPU a scan copies each layer's weights out of the stacked arrays
     (a dynamic slice gets its own buffer), where separate arrays are read in place: the
     dense path of a batch-1 SmolLM2 decode takes 42 ms scanned and 29 ms unrolled. The
-    model runner uses the unrolled form for batch-1 decode steps on CPU only: from batch
-    2 up, and for prefill, the whole unrolled step measured slower than the scan.
+    model runner uses the unrolled form for batch-1 decode steps on CPU only, and only
+    where the matmul kernel (``decode_linear`` below, which avoids the copy in the scan)
+    is unavailable: from batch 2 up, and for prefill, the whole unrolled step measured
+    slower than the scan.
     Unrolled, ``layer_ids`` (arange(L), passed in as data) index the KV cache, so the
     cache is indexed by data in both forms.
 
