@@ -1,14 +1,17 @@
-"""sgljax vs llama.cpp's llama-server, side by side, on SmolLM2-135M-Instruct (F32).
+"""sgljax vs llama.cpp's llama-server, side by side, on SmolLM2-135M-Instruct (F32 or BF16).
 
-    python benchmarks/vs_llama_cpp.py [--only a,b,c,d] [--jobs 2] [--threads 2]
+    python benchmarks/vs_llama_cpp.py [--dtype float32|bfloat16] [--only a,b,c,d] [--jobs 2] [--threads 2]
         [--work-dir ~/.cache/sgljax/llama.cpp] [--model-path HF_DIR] [--serve-arg=--flag ...]
 
 Steps (each skipped when its result is already in --work-dir):
 1. ``pip download --no-deps --no-binary :all: llama-cpp-python``: its sdist vendors llama.cpp.
 2. Build ``llama-server`` from it with cmake (about 13 min on 2 cores).
 3. Convert the HF folder sgljax prepares for its default model (config.json, tokenizer,
-   float32 model.safetensors) to an F32 GGUF with the sdist's convert_hf_to_gguf.py,
-   so both servers run the same weights at the same precision.
+   float32 model.safetensors) to an F32 (or, with ``--dtype bfloat16``, BF16) GGUF with
+   the sdist's convert_hf_to_gguf.py, and serve sgljax with the same ``--dtype``, so both
+   servers run the same weights at the same precision. (Both round activations to the
+   weights' dtype at each matmul and sum in float32; llama-server keeps its default
+   F16 KV cache, sgljax a float32 one.)
 4. For each workload: start ``llama-server -m X.gguf -c C -np N -t T -cb`` (N = the
    workload's concurrency; C = 16,384, or more when N slots of the workload's longest
    request need it, because llama.cpp splits the context between slots), bench it, stop it.
@@ -39,6 +42,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import CONCURRENCY, MAX_TOKENS_PER_REQUEST, WORKLOADS, print_table, run_workload  # noqa: E402
 
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16"}
 CMAKE_FLAGS = ["-DGGML_NATIVE=ON", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]
 
@@ -110,12 +114,12 @@ def convert_deps(work: Path) -> dict:
     return env
 
 
-def convert_to_gguf(src: Path, model_dir: Path, work: Path) -> Path:
-    gguf = work / f"{model_dir.name}-f32.gguf"
+def convert_to_gguf(src: Path, model_dir: Path, work: Path, outtype: str) -> Path:
+    gguf = work / f"{model_dir.name}-{outtype}.gguf"
     if gguf.is_file():
         return gguf
     tmp = gguf.with_suffix(".partial")
-    run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32",
+    run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
          "--outfile", str(tmp)], env=convert_deps(work))
     tmp.rename(gguf)
     return gguf
@@ -174,6 +178,8 @@ def llama_ctx(name: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="a,b,c,d")
+    p.add_argument("--dtype", default="float32", choices=GGUF_TYPES,
+                   help="weights of both servers: F32 or BF16 GGUF, sgljax serve --dtype")
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sgljax" / "llama.cpp"))
     p.add_argument("--model-path", default=None, help="HF folder (default: sgljax's SmolLM2 folder)")
     p.add_argument("--llama-cpp-python-version", default=None)
@@ -200,7 +206,7 @@ def main() -> None:
     if not args.skip_llama_cpp:
         src = fetch_sources(work, args.llama_cpp_python_version)
         binary = build_server(src, args.jobs)
-        gguf = convert_to_gguf(src, model_dir, work)
+        gguf = convert_to_gguf(src, model_dir, work, GGUF_TYPES[args.dtype])
         for name in names:
             port = free_port()
             cmd = [str(binary), "-m", str(gguf), "-c", str(llama_ctx(name)),
@@ -213,7 +219,7 @@ def main() -> None:
     if not args.skip_sgljax:
         port = free_port()
         cmd = [sys.executable, "-m", "sgljax.cli.main", "serve", "--model-path", str(model_dir),
-               "--port", str(port), *args.serve_arg]
+               "--port", str(port), "--dtype", args.dtype, *args.serve_arg]
         with Server(cmd, "/v1/models", port, work / "sgljax-serve.log", timeout=1800) as srv:
             for name in names:
                 rows.append(("sgljax", name, run_workload(
@@ -229,7 +235,7 @@ def main() -> None:
             subprocess.run([sys.executable, str(here / script), "--model-path", str(model_dir),
                             *extra], check=False)
 
-    print_table(rows, f"sgljax vs llama.cpp · {model_dir.name} F32")
+    print_table(rows, f"sgljax vs llama.cpp · {model_dir.name} {GGUF_TYPES[args.dtype].upper()}")
     print_ratios(rows, names)
     print(f"results: {out}", file=sys.stderr)
 

@@ -11,6 +11,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import jax.numpy as jnp
+
 from sgljax.engine.args import EngineArgs
 from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.compile_cache import enable_persistent_cache, watch_compilations
@@ -85,8 +87,9 @@ class Engine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         ps = args.page_size
         max_pages_per_seq = -(-self.context_length // ps)
+        kv_dtype = jnp.float32 if self.mesh.devices.flat[0].platform == "cpu" else loaded.model.dtype
         kv_spec = KVCacheSpec(cfg.num_layers, 0, ps, loaded.model.kv_heads, cfg.head_dim,
-                              loaded.model.dtype)
+                              kv_dtype)
         kv_spec.num_pages = args.resolve_num_pages(kv_spec.bytes_per_page(), max_pages_per_seq)
         self.pool = PagePool(kv_spec.num_pages)
         self.prefix_cache = (NoPrefixCache() if args.disable_radix_cache

@@ -8,6 +8,9 @@ device, so tensor parallelism is a matter of the mesh, not of the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,7 +18,6 @@ from flax import nnx
 from sgljax.engine.batch import StepBatch
 from sgljax.engine.config import ModelConfig, rope_inv_freq
 from sgljax.engine.layers import apply_rope, rms_norm, rms_norm_features, rope_cos_sin
-from sgljax.kernels import cpu_linear
 from sgljax.kernels.paged_attention import paged_attention, write_kv
 
 TP = "tp"
@@ -88,6 +90,27 @@ class Decoder(nnx.Module):
         return forward(self.cfg, self.kv_heads, top, layers, batch, k_cache, v_cache)
 
 
+@dataclass(frozen=True)
+class LinearKernel:
+    """A kernel for ``w[layer] @ x`` over stacked (L, N, K) weights, and where it runs."""
+    fn: Callable  # (w (L, N, K), layer () int32, x (K, M)) -> (N, M) float32
+    max_tokens: int | None = None  # steps of more tokens use XLA's dots (None: no bound)
+    decode_only: bool = False
+    head: bool = False  # also the LM head (as a one-layer stack)
+
+    def takes(self, seqs: int, query: int) -> bool:
+        if self.decode_only and query != 1:
+            return False
+        return self.max_tokens is None or seqs * query <= self.max_tokens
+
+
+def dense(w: jax.Array, x: jax.Array) -> jax.Array:
+    """``w @ x`` in x's dtype; weights of another dtype meet x in theirs (see ``forward``)."""
+    if w.dtype == x.dtype:
+        return w @ x
+    return w.astype(x.dtype) @ x.astype(w.dtype).astype(x.dtype)
+
+
 def unstack_layers(stacked: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
     """Stacked layer weights → one dict of arrays per layer (see ``forward``)."""
     num_layers = next(iter(stacked.values())).shape[0]
@@ -98,7 +121,8 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
             layers: dict[str, jax.Array] | list[dict[str, jax.Array]], batch: StepBatch,
             k_cache: jax.Array, v_cache: jax.Array,
             layer_ids: jax.Array | None = None,
-            attention_kernel=None, decode_linear=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+            attention_kernel=None, linear_kernel: LinearKernel | None = None,
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache).
 
     ``layers`` is either the stacked weights (a leading (L,) axis each), run with
@@ -107,34 +131,39 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     (a dynamic slice gets its own buffer), where separate arrays are read in place: the
     dense path of a batch-1 SmolLM2 decode takes 42 ms scanned and 29 ms unrolled. The
     model runner uses the unrolled form for batch-1 decode steps on CPU only, and only
-    where the matmul kernel (``decode_linear`` below, which avoids the copy in the scan)
+    where a matmul kernel (``linear_kernel`` below, which avoids the copy in the scan)
     is unavailable: from batch 2 up, and for prefill, the whole unrolled step measured
     slower than the scan.
     Unrolled, ``layer_ids`` (arange(L), passed in as data) index the KV cache, so the
     cache is indexed by data in both forms.
 
     ``attention_kernel``, when given, replaces ``paged_attention``: the model runner
-    passes the CPU kernel (kernels/cpu_paged_attention.py) where it runs. ``decode_linear(w, layer, x)``,
-    when given, computes ``w[layer] @ x`` over the stacked weights in decode steps of
-    at most ``cpu_linear.MAX_TOKENS`` tokens: the CPU kernel reads the layer's slice in
-    place (kernels/cpu_linear.py), so the scan copies no weights.
+    passes the CPU kernel (kernels/cpu_paged_attention.py) where it runs.
+    ``linear_kernel``, when given, computes ``w[layer] @ x`` over the stacked weights
+    in the steps it takes (``LinearKernel.takes``), reading the layer's slice in
+    place so the scan copies no weights: float32 decode steps on AVX-512
+    (kernels/cpu_linear.py), every bfloat16 step on AMX (kernels/cpu_amx_linear.py).
+
+    Activations are in the KV cache's dtype. Weights stored in another dtype
+    (bfloat16 weights on CPU, where activations stay float32) meet the activations
+    in the weights' dtype at each matmul, products summed in the activations': the
+    numerics of llama.cpp's BF16 models, and of the AMX kernel.
     """
-    dtype = top["embed"].dtype
+    dtype = k_cache.dtype  # activations: the KV cache's dtype, whatever the weights' is
     s, qn = batch.tokens.shape
     n = s * qn
     # Activations are feature-major, (features, tokens): see engine/layers.py.
-    h = top["embed"][batch.tokens.reshape(n)].T  # (D, N)
+    h = top["embed"][batch.tokens.reshape(n)].T.astype(dtype)  # (D, N)
     cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
     hd, nh, kvh = cfg.head_dim, cfg.num_heads, kv_heads
     attention = attention_kernel or paged_attention
-    if (decode_linear and qn == 1 and n <= cpu_linear.MAX_TOKENS
-            and isinstance(layers, dict)):
+    if linear_kernel and linear_kernel.takes(s, qn) and isinstance(layers, dict):
         # The projections stay whole, closed over; the scan slices only norms and biases.
         whole = {name: layers[name] for name in PROJECTIONS}
         layers = {name: w for name, w in layers.items() if name not in PROJECTIONS}
-        mm = lambda w, name, layer, x: decode_linear(whole[name], layer, x)  # noqa: E731
+        mm = lambda w, name, layer, x: linear_kernel.fn(whole[name], layer, x)  # noqa: E731
     else:
-        mm = lambda w, name, layer, x: w[name] @ x  # noqa: E731
+        mm = lambda w, name, layer, x: dense(w[name], x)  # noqa: E731
 
     def heads(x, bias, count):  # (count * hd, N) → token-major (S, Q, count, hd)
         if bias is not None:
@@ -174,5 +203,8 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     last = h[:, jnp.arange(s) * qn + batch.last_index]  # (D, S): only the tokens we sample from
     last = rms_norm_features(last, top["final_norm"], cfg.rms_norm_eps)
     head = top["embed"] if cfg.tie_word_embeddings else top["lm_head"]  # (V, D)
-    logits = jnp.dot(head, last, preferred_element_type=jnp.float32).T  # (S, V)
+    if linear_kernel and linear_kernel.head:
+        logits = linear_kernel.fn(head[None], jnp.int32(0), last).T  # (S, V)
+    else:
+        logits = dense(head, last).astype(jnp.float32).T  # (S, V)
     return logits, k_cache, v_cache

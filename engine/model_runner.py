@@ -30,11 +30,11 @@ from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.executable_cache import ExecutableCache
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.mesh import global_array
-from sgljax.engine.model import Decoder, forward, unstack_layers
+from sgljax.engine.model import PROJECTIONS, Decoder, LinearKernel, forward, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
 from sgljax.engine.scheduler import ScheduledBatch
-from sgljax.kernels import cpu_linear, cpu_paged_attention
+from sgljax.kernels import cpu_amx_linear, cpu_linear, cpu_paged_attention
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Launched:
     outputs: tuple  # tokens, logprobs, top ids, top logprobs
 
 
-def _step(cfg, kv_heads, attention_kernel, decode_linear, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
+def _step(cfg, kv_heads, attention_kernel, linear_kernel, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
     # Rows whose input token the previous step sampled take it from the device.
     fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
     first = jnp.where(batch.prev_rows >= 0, fed, batch.tokens[:, 0])
@@ -62,7 +62,7 @@ def _step(cfg, kv_heads, attention_kernel, decode_linear, weights, k_cache, v_ca
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
     layers = per_layer if per_layer and batch.tokens.shape == (1, 1) else stacked
     logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
-                                       layer_ids, attention_kernel, decode_linear)
+                                       layer_ids, attention_kernel, linear_kernel)
     out = sample(logits, sbatch, adjust)
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
     return out, last_tokens, k_cache, v_cache
@@ -79,20 +79,29 @@ class ModelRunner:
         top, stacked = model.weights()
         self.k_cache, self.v_cache = kv_spec.allocate(mesh)
         # On one CPU device, steps use C++ kernels (kernels/cpu_*.py): attention reads the
-        # KV pages once (the pure-JAX gather moves them about three times), and decode
-        # matmuls of up to cpu_linear.MAX_TOKENS tokens read each layer's weights in place.
+        # KV pages once (the pure-JAX gather moves them about three times), and matmuls
+        # read each layer's weights in place: float32 ones in decode steps of up to
+        # cpu_linear.MAX_TOKENS tokens, bfloat16 ones in every step, on AMX.
         cpu_alone = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-        f32 = self.k_cache.dtype == jnp.float32 and top["embed"].dtype == jnp.float32
+        f32_kv = self.k_cache.dtype == jnp.float32
+        f32_weights = top["embed"].dtype == jnp.float32
         self.attention_kernel = (cpu_paged_attention.cpu_paged_attention
-                                 if cpu_alone and f32 and cpu_paged_attention.available()
+                                 if cpu_alone and f32_kv and cpu_paged_attention.available()
                                  else None)
-        self.decode_linear = (cpu_linear.linear if cpu_alone and f32 and cpu_linear.available()
-                              else None)
+        self.linear_kernel = None
+        if cpu_alone and f32_weights and cpu_linear.available():
+            self.linear_kernel = LinearKernel(cpu_linear.linear, cpu_linear.MAX_TOKENS,
+                                              decode_only=True)
+        elif (cpu_alone and top["embed"].dtype == jnp.bfloat16 and cpu_amx_linear.available()
+              and all(cpu_amx_linear.supports(stacked[name].shape) for name in PROJECTIONS)):
+            head = top["embed"] if model.cfg.tie_word_embeddings else top["lm_head"]
+            self.linear_kernel = LinearKernel(cpu_amx_linear.linear,
+                                              head=cpu_amx_linear.supports((1, *head.shape)))
         # Without the matmul kernel, a single decoding sequence on CPU runs its layers
         # unrolled over a second, per-layer copy of the weights: 17% faster at batch 1
         # (engine/model.py's forward says why), slower from batch 2 up.
         per_layer = (jax.jit(unstack_layers)(stacked)
-                     if mesh.devices.flat[0].platform == "cpu" and not self.decode_linear
+                     if mesh.devices.flat[0].platform == "cpu" and not self.linear_kernel
                      else [])
         layer_ids = global_array(np.arange(model.cfg.num_layers, dtype=np.int32),
                                  NamedSharding(mesh, P()))
@@ -104,7 +113,7 @@ class ModelRunner:
         self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
         self._last_rows: dict[str, int] = {}
         self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, self.attention_kernel,
-                                     self.decode_linear),
+                                     self.linear_kernel),
                              donate_argnums=(1, 2, 3),
                              out_shardings=((replicated,) * 4, replicated, kv_sharding,
                                             kv_sharding))

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_simd.h"
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -141,12 +142,7 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi
       for (int64_t m = 0; m < job->M; ++m) job->xt[m * job->K + k] = xs[k * job->M + m];
   }
   const int64_t blocks = (job->N + kBlockRows - 1) / kBlockRows;
-  // This thread works too, so one helper per other core. Helpers share the job by
-  // shared_ptr: one may start after this call has returned, find nothing left, and end.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, blocks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { Work(*job); });
-  Work(*job);
-  while (job->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
+  sgljax::ShareWork(pool, job, blocks, Work);
   return ffi::Error::Success();
 }
 

@@ -27,6 +27,7 @@
 #endif
 
 #include "cpu_simd.h"
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -223,12 +224,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     }
   }
   const int64_t units = job->S * job->Q * job->KV;
-  // This thread works too, so one helper per other core. Helpers share the job by
-  // shared_ptr: one may start after this call has returned, find nothing left, and end.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, units - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { Work(*job); });
-  Work(*job);
-  while (job->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+  sgljax::ShareWork(pool, job, units, Work);
   return ffi::Error::Success();
 }
 

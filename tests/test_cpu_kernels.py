@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sgljax.kernels import cpu_paged_attention as kernel
-from sgljax.kernels import cpu_linear
+from sgljax.kernels import cpu_amx_linear, cpu_linear
 from sgljax.kernels.paged_attention import paged_attention_reference
 
 
@@ -19,8 +19,11 @@ def test_builds_where_a_compiler_is():
     if shutil.which("c++") or shutil.which("g++"):
         assert kernel.available()
         with open("/proc/cpuinfo") as f:
-            if "avx512f" in f.read():
-                assert cpu_linear.available()
+            flags = f.read()
+        if "avx512f" in flags:
+            assert cpu_linear.available()
+        if "amx_bf16" in flags:
+            assert cpu_amx_linear.available()
 
 
 @pytest.mark.skipif(not cpu_linear.available(), reason="no C++ compiler or no AVX-512")
@@ -34,6 +37,33 @@ def test_linear_matches_numpy(n, k):
             got = np.asarray(cpu_linear.linear(jnp.asarray(w), jnp.int32(layer), jnp.asarray(x)))
             want = w[layer].astype(np.float64) @ x
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+@pytest.mark.skipif(not cpu_amx_linear.available(), reason="no C++ compiler or no AMX")
+@pytest.mark.parametrize("n,k", [(576, 576), (192, 1536), (64, 32), (32, 64)])
+def test_amx_linear_matches_float64(n, k):
+    rng = np.random.default_rng(n + k)
+    w = jnp.asarray(rng.standard_normal((3, n, k)), jnp.bfloat16)
+    w64 = np.asarray(w.astype(jnp.float32), np.float64)
+    for m in (1, 5, 16, 17, 32, 33, 64, 100):  # one or two token tiles, partial tiles
+        x = jnp.asarray(rng.standard_normal((k, m)), jnp.float32)
+        x64 = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+        for layer in (0, 2):
+            got = np.asarray(cpu_amx_linear.linear(w, jnp.int32(layer), x))
+            np.testing.assert_allclose(got, w64[layer] @ x64, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+            ref = np.asarray(cpu_amx_linear.linear_reference(w, jnp.int32(layer), x))
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+@pytest.mark.skipif(not cpu_amx_linear.available(), reason="no C++ compiler or no AMX")
+def test_amx_linear_refuses_shapes_it_cannot_tile():
+    assert not cpu_amx_linear.supports((2, 48, 64)) and not cpu_amx_linear.supports((2, 64, 48))
+    w = jnp.zeros((1, 48, 64), jnp.bfloat16)
+    with pytest.raises(Exception, match="multiple of 32"):
+        jax.block_until_ready(cpu_amx_linear.linear(w, jnp.int32(0), jnp.ones((64, 2))))
+    with pytest.raises(Exception, match="layer out of range"):
+        jax.block_until_ready(cpu_amx_linear.linear(jnp.zeros((1, 32, 32), jnp.bfloat16),
+                                                    jnp.int32(1), jnp.ones((32, 2))))
 
 
 def _case(rng, *, seqs, kv_heads, group, dim, page, pages_per_seq, layers=3):
@@ -107,7 +137,8 @@ def test_bad_page_id_is_an_error_not_a_wild_read():
 
 
 @pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
-def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype):
     from sgljax.engine.engine import Engine
     from sgljax.engine.sampling import SamplingParams
 
@@ -115,15 +146,16 @@ def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
     def run():
-        engine = Engine(model_path=str(tiny_models["qwen3"]), max_running_requests=8,
+        engine = Engine(model_path=str(tiny_models["qwen3"]), dtype=dtype, max_running_requests=8,
                         context_length=256, max_total_tokens=4096, page_size=16)
         outs = engine.generate(prompts, params)
         runner = engine.runner
-        return (runner.attention_kernel, runner.decode_linear), [o["token_ids"] for o in outs]
+        return (runner.attention_kernel, runner.linear_kernel), [o["token_ids"] for o in outs]
 
     used, with_kernel = run()
     assert used[0] is not None
-    assert (used[1] is not None) == cpu_linear.available()
+    matmul = cpu_linear if dtype == "float32" else cpu_amx_linear
+    assert (used[1] is not None) == matmul.available()
     kernel.cpu_build.load.cache_clear()
     monkeypatch.setenv("SGLJAX_DISABLE_CPU_KERNELS", "1")
     try:
