@@ -34,9 +34,11 @@ def main() -> None:
     ap.add_argument("--kv-len", type=int, default=384)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args()
     S, Q, kv_len = args.seqs, args.query, args.kv_len
-    engine = Engine(model_path=args.model_path, dtype=args.dtype, max_running_requests=max(S, 8),
+    engine = Engine(model_path=args.model_path, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                    max_running_requests=max(S, 8),
                     context_length=max(1024, kv_len), disable_radix_cache=True,
                     max_total_tokens=max(S * (kv_len + 32), 1024) + 64)
     runner, ps = engine.runner, engine.runner.page_size

@@ -9,9 +9,9 @@ Steps (each skipped when its result is already in --work-dir):
 3. Convert the HF folder sgljax prepares for its default model (config.json, tokenizer,
    float32 model.safetensors) to an F32 (or, with ``--dtype bfloat16``, BF16) GGUF with
    the sdist's convert_hf_to_gguf.py, and serve sgljax with the same ``--dtype``, so both
-   servers run the same weights at the same precision. (Both round activations to the
-   weights' dtype at each matmul and sum in float32; llama-server keeps its default
-   F16 KV cache, sgljax a float32 one.)
+   servers run the same weights at the same precision: both round activations to the
+   weights' dtype at each matmul and sum in float32, and both keep an F16 KV cache
+   (llama-server's default; sgljax ``--kv-cache-dtype float16``, see ``--kv-cache-dtype``).
 4. For each workload: start ``llama-server -m X.gguf -c C -np N -t T -cb`` (N = the
    workload's concurrency; C = 16,384, or more when N slots of the workload's longest
    request need it, because llama.cpp splits the context between slots), bench it, stop it.
@@ -178,6 +178,8 @@ def llama_ctx(name: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="a,b,c,d")
+    p.add_argument("--kv-cache-dtype", default="float16",
+                   help="sgljax serve --kv-cache-dtype (llama-server's KV cache is F16 by default)")
     p.add_argument("--dtype", default="float32", choices=GGUF_TYPES,
                    help="weights of both servers: F32 or BF16 GGUF, sgljax serve --dtype")
     p.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sgljax" / "llama.cpp"))
@@ -219,7 +221,8 @@ def main() -> None:
     if not args.skip_sgljax:
         port = free_port()
         cmd = [sys.executable, "-m", "sgljax.cli.main", "serve", "--model-path", str(model_dir),
-               "--port", str(port), "--dtype", args.dtype, *args.serve_arg]
+               "--port", str(port), "--dtype", args.dtype,
+               "--kv-cache-dtype", args.kv_cache_dtype, *args.serve_arg]
         with Server(cmd, "/v1/models", port, work / "sgljax-serve.log", timeout=1800) as srv:
             for name in names:
                 rows.append(("sgljax", name, run_workload(

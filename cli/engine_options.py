@@ -25,6 +25,8 @@ def _int_list(value: Optional[str]) -> Optional[list[int]]:
 ModelPath = Annotated[Optional[str], typer.Option(
     "--model-path", "-m", help="HF folder, .gguf file, or converted checkpoint (default: SmolLM2-135M-Instruct).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")]
+KvCacheDtype = Annotated[str, typer.Option(
+    "--kv-cache-dtype", help="auto (float32 on CPU, else the weights'), float32, bfloat16 or float16.")]
 TpSize = Annotated[int, typer.Option("--tp-size", help="Tensor-parallel devices.")]
 PageSize = Annotated[int, typer.Option("--page-size", help="Tokens per KV page.")]
 MaxRunning = Annotated[int, typer.Option("--max-running-requests")]

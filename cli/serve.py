@@ -20,6 +20,7 @@ def serve(
     port: int = typer.Option(30000, "--port"),
     tp_size: eo.TpSize = D.tp_size,
     dtype: eo.Dtype = D.dtype,
+    kv_cache_dtype: eo.KvCacheDtype = D.kv_cache_dtype,
     page_size: eo.PageSize = D.page_size,
     context_length: eo.ContextLength = D.context_length,
     mem_fraction_static: eo.MemFraction = D.mem_fraction_static,

@@ -56,6 +56,7 @@ def warmup(
     model: Optional[str] = typer.Argument(None, help="Model path (same as --model-path)."),
     model_path: eo.ModelPath = None,
     dtype: eo.Dtype = D.dtype,
+    kv_cache_dtype: eo.KvCacheDtype = D.kv_cache_dtype,
     tp_size: eo.TpSize = D.tp_size,
     page_size: eo.PageSize = D.page_size,
     max_running_requests: eo.MaxRunning = D.max_running_requests,

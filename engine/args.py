@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import psutil
 
 DEVICES = ("auto", "cpu", "tpu", "gpu", "proxy")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONTROLLERS = ("multi", "pathways")
 
 def coarse_floor(n: int) -> int:
@@ -25,6 +26,9 @@ def coarse_floor(n: int) -> int:
 class EngineArgs:
     model_path: str | None = None  # None → the embedded SmolLM2-135M-Instruct
     dtype: str = "float32"
+    # auto: float32 on CPU (where activations stay float32 whatever the weights), the
+    # weights' dtype elsewhere. float16 halves the bytes attention reads (llama.cpp's default).
+    kv_cache_dtype: str = "auto"
     tp_size: int = 1
     page_size: int = 16
     max_running_requests: int = 64
@@ -52,6 +56,9 @@ class EngineArgs:
     device_discovery_timeout: float = 60.0  # seconds to find the proxy's devices; 0 → no bound
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"not {self.kv_cache_dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.controller not in CONTROLLERS:

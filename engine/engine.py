@@ -87,7 +87,12 @@ class Engine:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         ps = args.page_size
         max_pages_per_seq = -(-self.context_length // ps)
-        kv_dtype = jnp.float32 if self.mesh.devices.flat[0].platform == "cpu" else loaded.model.dtype
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+        # On XLA CPU, 16-bit elementwise work is many times slower than float32: activations
+        # stay float32 there whatever the weights (engine/model.py's forward says how they meet).
+        act_dtype = jnp.float32 if on_cpu else loaded.model.dtype
+        kv_dtype = (act_dtype if args.kv_cache_dtype == "auto"
+                    else jnp.dtype(args.kv_cache_dtype))
         kv_spec = KVCacheSpec(cfg.num_layers, 0, ps, loaded.model.kv_heads, cfg.head_dim,
                               kv_dtype)
         kv_spec.num_pages = args.resolve_num_pages(kv_spec.bytes_per_page(), max_pages_per_seq)
@@ -103,7 +108,7 @@ class Engine:
             page_size=ps, max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
             schedule_policy=args.schedule_policy), self.pool, self.prefix_cache, self.plan)
-        self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan, executable_cache=(
+        self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan, act_dtype, executable_cache=(
             ExecutableCache(cache_dir, self.mesh) if cache_dir is not None else None))
         self._leader = self._follower = None
         if args.nnodes > 1:

@@ -122,7 +122,7 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
             k_cache: jax.Array, v_cache: jax.Array,
             layer_ids: jax.Array | None = None,
             attention_kernel=None, linear_kernel: LinearKernel | None = None,
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+            act_dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache).
 
     ``layers`` is either the stacked weights (a leading (L,) axis each), run with
@@ -144,12 +144,13 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     place so the scan copies no weights: float32 decode steps on AVX-512
     (kernels/cpu_linear.py), every bfloat16 step on AMX (kernels/cpu_amx_linear.py).
 
-    Activations are in the KV cache's dtype. Weights stored in another dtype
+    Activations are in ``act_dtype`` (default: the weights'; the KV cache may hold
+    another, written rounded and read back widened). Weights stored in another dtype
     (bfloat16 weights on CPU, where activations stay float32) meet the activations
     in the weights' dtype at each matmul, products summed in the activations': the
     numerics of llama.cpp's BF16 models, and of the AMX kernel.
     """
-    dtype = k_cache.dtype  # activations: the KV cache's dtype, whatever the weights' is
+    dtype = act_dtype or top["embed"].dtype
     s, qn = batch.tokens.shape
     n = s * qn
     # Activations are feature-major, (features, tokens): see engine/layers.py.

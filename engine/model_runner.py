@@ -53,7 +53,7 @@ class Launched:
     outputs: tuple  # tokens, logprobs, top ids, top logprobs
 
 
-def _step(cfg, kv_heads, attention_kernel, linear_kernel, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
+def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
     # Rows whose input token the previous step sampled take it from the device.
     fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
     first = jnp.where(batch.prev_rows >= 0, fed, batch.tokens[:, 0])
@@ -62,7 +62,7 @@ def _step(cfg, kv_heads, attention_kernel, linear_kernel, weights, k_cache, v_ca
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
     layers = per_layer if per_layer and batch.tokens.shape == (1, 1) else stacked
     logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
-                                       layer_ids, attention_kernel, linear_kernel)
+                                       layer_ids, attention_kernel, linear_kernel, act_dtype)
     out = sample(logits, sbatch, adjust)
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
     return out, last_tokens, k_cache, v_cache
@@ -70,7 +70,7 @@ def _step(cfg, kv_heads, attention_kernel, linear_kernel, weights, k_cache, v_ca
 
 class ModelRunner:
     def __init__(self, model: Decoder, mesh, kv_spec: KVCacheSpec, plan: BucketPlan,
-                 executable_cache: ExecutableCache | None = None):
+                 act_dtype=None, executable_cache: ExecutableCache | None = None):
         self.mesh = mesh
         self.kv_spec = kv_spec
         self.plan = plan
@@ -83,10 +83,12 @@ class ModelRunner:
         # read each layer's weights in place: float32 ones in decode steps of up to
         # cpu_linear.MAX_TOKENS tokens, bfloat16 ones in every step, on AMX.
         cpu_alone = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-        f32_kv = self.k_cache.dtype == jnp.float32
+        act_dtype = act_dtype or model.dtype
+        kernel_kv = self.k_cache.dtype in (jnp.float32, jnp.float16, jnp.bfloat16)
         f32_weights = top["embed"].dtype == jnp.float32
         self.attention_kernel = (cpu_paged_attention.cpu_paged_attention
-                                 if cpu_alone and f32_kv and cpu_paged_attention.available()
+                                 if cpu_alone and kernel_kv and act_dtype == jnp.float32
+                                 and cpu_paged_attention.available()
                                  else None)
         self.linear_kernel = None
         if cpu_alone and f32_weights and cpu_linear.available():
@@ -112,8 +114,8 @@ class ModelRunner:
         max_rows = max(plan.decode_batch + plan.prefill_batch)
         self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
         self._last_rows: dict[str, int] = {}
-        self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, self.attention_kernel,
-                                     self.linear_kernel),
+        self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, act_dtype,
+                                     self.attention_kernel, self.linear_kernel),
                              donate_argnums=(1, 2, 3),
                              out_shardings=((replicated,) * 4, replicated, kv_sharding,
                                             kv_sharding))

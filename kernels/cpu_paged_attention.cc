@@ -8,7 +8,8 @@
 // registers it; kernels/paged_attention.py is the reference it is tested against
 // (tests/test_cpu_kernels.py).
 //
-// Layouts (float32): q (S, Q, H, D); caches (L, pages, KV, page_size, D); page_table
+// Layouts: q (S, Q, H, D) float32; caches (L, pages, KV, page_size, D) float32, float16
+// or bfloat16 (read as float32: a 16-bit cache moves half the bytes); page_table
 // (S, P); positions (S, Q); kv_lens (S,); out (S, Q, H, D). Query heads h = kv * group
 // + g. Query (s, i) sees tokens t < min(kv_lens[s], positions[s, i] + 1). A unit of
 // work is one query token and one kv head; units of the same sequence run in order,
@@ -18,11 +19,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -34,10 +36,44 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// The cache's element types: 16-bit ones are kept as their bits.
+struct F16 {
+  uint16_t bits;
+};
+struct BF16 {
+  uint16_t bits;
+};
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(BF16 x) {
+  const uint32_t u = uint32_t{x.bits} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float ToFloat(F16 x) {
+#if defined(__F16C__)
+  return _cvtsh_ss(x.bits);
+#else
+  const uint32_t sign = uint32_t{x.bits & 0x8000u} << 16, exp = (x.bits >> 10) & 0x1f,
+                 man = x.bits & 0x3ff;
+  float f;
+  if (exp == 0) {
+    f = std::ldexp(static_cast<float>(man), -24);  // zero and subnormals
+  } else if (exp == 31) {
+    f = man ? NAN : INFINITY;
+  } else {
+    const uint32_t u = ((exp + 112) << 23) | (man << 13);
+    std::memcpy(&f, &u, 4);
+  }
+  return sign ? -f : f;
+#endif
+}
+
 struct Job {
   const float* q;
-  const float* k;
-  const float* v;
+  const void* k;  // cache element type: the T of RunUnit<T>
+  const void* v;
   float* out;
   const int32_t* table;
   const int32_t* positions;
@@ -67,10 +103,19 @@ void Softmax(float* sg, int64_t n) {
 #if defined(__AVX512F__)
 using sgljax::SumRows16;
 
+inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 Load16(const F16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 Load16(const BF16* p) {
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+
 // One (sequence, kv head) with head_dim D, pages of 16 rows: all `group` query heads
 // that share the kv head. Pass 1 writes scores, pass 2 sums values; the page being
 // read stays in L1 while every query head of the group uses it.
-template <int D>
+template <int D, typename T>
 void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
   constexpr int C = D / 16;
   const int64_t row = unit / j.KV, kh = unit % j.KV, s = row / j.Q, group = j.H / j.KV;
@@ -85,19 +130,18 @@ void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
   const float* q = j.q + (row * j.H + kh * group) * D;
   const int32_t* pages = j.table + s * j.table_width;
   const int64_t page_stride = j.KV * 16 * D;
-  const float* kbase = j.k + j.layer * j.num_pages * page_stride + kh * 16 * D;
-  const float* vbase = j.v + j.layer * j.num_pages * page_stride + kh * 16 * D;
+  const T* kbase = static_cast<const T*>(j.k) + j.layer * j.num_pages * page_stride + kh * 16 * D;
+  const T* vbase = static_cast<const T*>(j.v) + j.layer * j.num_pages * page_stride + kh * 16 * D;
   const __m512 scale = _mm512_set1_ps(j.scale);
 
   for (int64_t t0 = 0; t0 < n; t0 += 16) {
-    const float* kp = kbase + pages[t0 / 16] * page_stride;
+    const T* kp = kbase + pages[t0 / 16] * page_stride;
     for (int64_t g = 0; g < group; ++g) {
       __m512 qv[C], rows[16];
       for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * D + c * 16);
       for (int r = 0; r < 16; ++r) {
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp + r * D));
-        for (int c = 1; c < C; ++c)
-          acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kp + r * D + c * 16), acc);
+        __m512 acc = _mm512_mul_ps(qv[0], Load16(kp + r * D));
+        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], Load16(kp + r * D + c * 16), acc);
         rows[r] = acc;
       }
       _mm512_storeu_ps(scores.data() + g * padded + t0, _mm512_mul_ps(SumRows16(rows), scale));
@@ -107,7 +151,7 @@ void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
   for (int64_t g = 0; g < group; ++g)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + c * 16, _mm512_setzero_ps());
   for (int64_t t0 = 0; t0 < n; t0 += 16) {
-    const float* vp = vbase + pages[t0 / 16] * page_stride;
+    const T* vp = vbase + pages[t0 / 16] * page_stride;
     const int64_t rows = std::min<int64_t>(16, n - t0);
     for (int64_t g = 0; g < group; ++g) {
       const float* w = scores.data() + g * padded + t0;
@@ -116,7 +160,7 @@ void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
       for (int64_t r = 0; r < rows; ++r) {
         const __m512 wr = _mm512_set1_ps(w[r]);
         for (int c = 0; c < C; ++c)
-          acc[c] = _mm512_fmadd_ps(wr, _mm512_loadu_ps(vp + r * D + c * 16), acc[c]);
+          acc[c] = _mm512_fmadd_ps(wr, Load16(vp + r * D + c * 16), acc[c]);
       }
       for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + c * 16, acc[c]);
     }
@@ -125,6 +169,7 @@ void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
 #endif
 
 // Any head_dim and page size, scalar loops the compiler vectorizes.
+template <typename T>
 void RunUnitGeneric(const Job& j, int64_t unit, std::vector<float>& scores) {
   const int64_t row = unit / j.KV, kh = unit % j.KV, s = row / j.Q, group = j.H / j.KV;
   const int64_t D = j.D;
@@ -139,54 +184,56 @@ void RunUnitGeneric(const Job& j, int64_t unit, std::vector<float>& scores) {
   const int64_t head_base = j.layer * j.num_pages * page_stride + kh * j.page_size * D;
 
   for (int64_t t0 = 0; t0 < n; t0 += j.page_size) {
-    const float* kp = j.k + head_base + pages[t0 / j.page_size] * page_stride;
+    const T* kp = static_cast<const T*>(j.k) + head_base + pages[t0 / j.page_size] * page_stride;
     const int64_t rows = std::min(j.page_size, n - t0);
     for (int64_t r = 0; r < rows; ++r) {
-      const float* kr = kp + r * D;
+      const T* kr = kp + r * D;
       for (int64_t g = 0; g < group; ++g) {
         const float* qg = q + g * D;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qg[d] * kr[d];
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * ToFloat(kr[d]);
         scores[g * n + t0 + r] = dot * j.scale;
       }
     }
   }
   for (int64_t g = 0; g < group; ++g) Softmax(scores.data() + g * n, n);
   for (int64_t t0 = 0; t0 < n; t0 += j.page_size) {
-    const float* vp = j.v + head_base + pages[t0 / j.page_size] * page_stride;
+    const T* vp = static_cast<const T*>(j.v) + head_base + pages[t0 / j.page_size] * page_stride;
     const int64_t rows = std::min(j.page_size, n - t0);
     for (int64_t r = 0; r < rows; ++r) {
-      const float* vr = vp + r * D;
+      const T* vr = vp + r * D;
       for (int64_t g = 0; g < group; ++g) {
         const float w = scores[g * n + t0 + r];
         float* og = out + g * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) og[d] += w * vr[d];
+        for (int64_t d = 0; d < D; ++d) og[d] += w * ToFloat(vr[d]);
       }
     }
   }
 }
 
+template <typename T>
 void RunUnit(const Job& j, int64_t unit, std::vector<float>& scores) {
 #if defined(__AVX512F__)
-  if (j.page_size == 16 && j.D == 64) return RunUnit16<64>(j, unit, scores);
-  if (j.page_size == 16 && j.D == 128) return RunUnit16<128>(j, unit, scores);
+  if (j.page_size == 16 && j.D == 64) return RunUnit16<64, T>(j, unit, scores);
+  if (j.page_size == 16 && j.D == 128) return RunUnit16<128, T>(j, unit, scores);
 #endif
-  RunUnitGeneric(j, unit, scores);
+  RunUnitGeneric<T>(j, unit, scores);
 }
 
+template <typename T>
 void Work(Job& j) {
   std::vector<float> scores;
   const int64_t units = j.S * j.Q * j.KV;
   for (int64_t u; (u = j.next.fetch_add(1)) < units;) {
-    RunUnit(j, u, scores);
+    RunUnit<T>(j, u, scores);
     j.done.fetch_add(1, std::memory_order_release);
   }
 }
 
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                           ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
+                           ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
                            ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
                            ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> kv_lens,
                            ffi::ResultBuffer<ffi::F32> out) {
@@ -197,8 +244,16 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   }
   auto job = std::make_shared<Job>();
   job->q = q.typed_data();
-  job->k = k_cache.typed_data();
-  job->v = v_cache.typed_data();
+  const ffi::DataType kv_type = k_cache.element_type();
+  if (v_cache.element_type() != kv_type || v_cache.dimensions().size() != 5 ||
+      v_cache.element_count() != k_cache.element_count()) {
+    return ffi::Error::InvalidArgument("paged attention: K and V caches differ");
+  }
+  if (kv_type != ffi::F32 && kv_type != ffi::F16 && kv_type != ffi::BF16) {
+    return ffi::Error::InvalidArgument("paged attention: caches must be f32, f16 or bf16");
+  }
+  job->k = k_cache.untyped_data();
+  job->v = v_cache.untyped_data();
   job->out = out->typed_data();
   job->table = page_table.typed_data();
   job->positions = positions.typed_data();
@@ -224,7 +279,12 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     }
   }
   const int64_t units = job->S * job->Q * job->KV;
-  sgljax::ShareWork(pool, job, units, Work);
+  if (kv_type == ffi::F16)
+    sgljax::ShareWork(pool, job, units, Work<F16>);
+  else if (kv_type == ffi::BF16)
+    sgljax::ShareWork(pool, job, units, Work<BF16>);
+  else
+    sgljax::ShareWork(pool, job, units, Work<float>);
   return ffi::Error::Success();
 }
 
@@ -234,8 +294,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SgljaxPagedAttention, PagedAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_cache
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_cache
+                                  .Arg<ffi::AnyBuffer>()  // k_cache
+                                  .Arg<ffi::AnyBuffer>()  // v_cache
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
                                   .Arg<ffi::Buffer<ffi::S32>>()  // page_table
                                   .Arg<ffi::Buffer<ffi::S32>>()  // positions

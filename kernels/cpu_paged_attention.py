@@ -27,7 +27,7 @@ def cpu_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                         layer: jax.Array, page_table: jax.Array, positions: jax.Array,
                         kv_lens: jax.Array) -> jax.Array:
     """Same contract as ``paged_attention``: q (S, Q, H, D), caches (L, num_pages, KV,
-    page_size, D), float32."""
+    page_size, D) of float32, float16 or bfloat16 (both the same); computes in float32."""
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32), k_cache, v_cache, jnp.asarray(layer, jnp.int32).reshape(1),
         page_table.astype(jnp.int32), positions.astype(jnp.int32), kv_lens.astype(jnp.int32))

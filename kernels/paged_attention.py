@@ -85,7 +85,8 @@ def _attend(q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pa
         probs = jnp.exp(scores - new_max[..., None])
         rescale = jnp.exp(running_max - new_max)
         denom = denom * rescale + probs.sum(-1)
-        probs = probs.reshape(s, kvh, group, qn, block_pages, page_size).astype(v.dtype)
+        probs = probs.reshape(s, kvh, group, qn, block_pages, page_size).astype(
+            jnp.promote_types(v.dtype, q.dtype))  # a 16-bit cache under float32 queries: float32
         acc = acc * rescale[..., None] + jnp.einsum(
             "skgqbt,sbktd->skgqd", probs, v, preferred_element_type=jnp.float32)
         return new_max, denom, acc
@@ -116,8 +117,8 @@ def paged_attention_reference(q, k_cache, v_cache, layer, page_table, positions,
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
     visible = _visible(jnp.arange(tokens), positions, kv_lens)
     scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("skgqt,sktd->sqkgd", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1).astype(jnp.promote_types(v.dtype, q.dtype))
+    out = jnp.einsum("skgqt,sktd->sqkgd", probs, v).astype(q.dtype)
     return out.reshape(s, qn, h, d)
 
 

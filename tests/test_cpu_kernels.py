@@ -11,7 +11,7 @@ import pytest
 
 from sgljax.kernels import cpu_paged_attention as kernel
 from sgljax.kernels import cpu_amx_linear, cpu_linear
-from sgljax.kernels.paged_attention import paged_attention_reference
+from sgljax.kernels.paged_attention import paged_attention, paged_attention_reference
 
 
 def test_builds_where_a_compiler_is():
@@ -82,12 +82,17 @@ SHAPES = [(3, 3, 64, 16), (2, 2, 128, 16), (1, 1, 64, 16), (2, 4, 32, 8), (1, 2,
 
 
 @pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("kv_heads,group,dim,page", SHAPES)
-def test_matches_reference(kv_heads, group, dim, page):
+def test_matches_reference(kv_heads, group, dim, page, cache_dtype):
     rng = np.random.default_rng(dim + page)
     pages_per_seq = 5
     q, k, v, table = _case(rng, seqs=6, kv_heads=kv_heads, group=group, dim=dim, page=page,
                            pages_per_seq=pages_per_seq)
+    # A 16-bit cache is read widened to float32: the reference gets the widened values,
+    # and the pure-JAX path the 16-bit cache itself under float32 queries.
+    k16, v16 = jnp.asarray(k, cache_dtype), jnp.asarray(v, cache_dtype)
+    k, v = np.asarray(k16.astype(jnp.float32)), np.asarray(v16.astype(jnp.float32))
     full = pages_per_seq * page
     # Lengths on and off page edges; a padded row (length 1 on page 0, as the engine
     # pads); a query that sees less than its sequence holds (position < length - 1).
@@ -97,9 +102,14 @@ def test_matches_reference(kv_heads, group, dim, page):
     table[5] = 0
     for layer in (0, 2):
         want = paged_attention_reference(q, k, v, jnp.int32(layer), table, positions, kv_lens)
-        got = kernel.cpu_paged_attention(jnp.asarray(q), k, v, jnp.int32(layer), table,
+        got = kernel.cpu_paged_attention(jnp.asarray(q), k16, v16, jnp.int32(layer), table,
                                           jnp.asarray(positions), jnp.asarray(kv_lens))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+        if cache_dtype != "float32":
+            pure = paged_attention(jnp.asarray(q), k16, v16, jnp.int32(layer), table,
+                                   jnp.asarray(positions), jnp.asarray(kv_lens))
+            assert pure.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(pure), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
@@ -137,8 +147,9 @@ def test_bad_page_id_is_an_error_not_a_wild_read():
 
 
 @pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,kv_dtype", [("float32", "auto"), ("bfloat16", "auto"),
+                                            ("float32", "float16")])
+def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype, kv_dtype):
     from sgljax.engine.engine import Engine
     from sgljax.engine.sampling import SamplingParams
 
@@ -146,10 +157,12 @@ def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
     def run():
-        engine = Engine(model_path=str(tiny_models["qwen3"]), dtype=dtype, max_running_requests=8,
+        engine = Engine(model_path=str(tiny_models["qwen3"]), dtype=dtype,
+                        kv_cache_dtype=kv_dtype, max_running_requests=8,
                         context_length=256, max_total_tokens=4096, page_size=16)
         outs = engine.generate(prompts, params)
         runner = engine.runner
+        assert runner.k_cache.dtype == (jnp.float16 if kv_dtype == "float16" else jnp.float32)
         return (runner.attention_kernel, runner.linear_kernel), [o["token_ids"] for o in outs]
 
     used, with_kernel = run()
