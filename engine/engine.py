@@ -270,7 +270,8 @@ class Engine:
     # -- the offline API -----------------------------------------------------------
     def generate(self, prompts: list[str | list[int]] | str,
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[dict]:
-        """Run prompts to completion; returns [{"text", "token_ids", "finish_reason"}]."""
+        """Run prompts to completion; returns [{"text", "token_ids", "finish_reason",
+        "logprobs", "top_logprobs"}] (the last two filled when the params ask for them)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params] * len(prompts)
@@ -281,7 +282,8 @@ class Engine:
                 if o.rid in texts:
                     texts[o.rid] += o.delta_text
         return [{"text": texts[s.rid], "token_ids": list(s.output_ids),
-                 "finish_reason": s.finish_reason, "logprobs": list(s.output_logprobs)}
+                 "finish_reason": s.finish_reason, "logprobs": list(s.output_logprobs),
+                 "top_logprobs": list(s.output_top_logprobs)}
                 for s in seqs]
 
     def warmup(self, progress=None) -> int:

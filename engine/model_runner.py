@@ -30,11 +30,11 @@ from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.executable_cache import ExecutableCache
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.mesh import global_array
-from sgljax.engine.model import PROJECTIONS, Decoder, LinearKernel, forward, unstack_layers
+from sgljax.engine import cpu_kernels
+from sgljax.engine.model import Decoder, forward, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
 from sgljax.engine.scheduler import ScheduledBatch
-from sgljax.kernels import cpu_amx_linear, cpu_linear, cpu_paged_attention
 
 log = logging.getLogger(__name__)
 
@@ -78,27 +78,12 @@ class ModelRunner:
         self.vocab_size = model.cfg.vocab_size
         top, stacked = model.weights()
         self.k_cache, self.v_cache = kv_spec.allocate(mesh)
-        # On one CPU device, steps use C++ kernels (kernels/cpu_*.py): attention reads the
-        # KV pages once (the pure-JAX gather moves them about three times), and matmuls
-        # read each layer's weights in place: float32 ones in decode steps of up to
-        # cpu_linear.MAX_TOKENS tokens, bfloat16 ones in every step, on AMX.
+        # On one CPU device, steps use C++ kernels where they run (engine/cpu_kernels.py).
         cpu_alone = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
         act_dtype = act_dtype or model.dtype
-        kernel_kv = self.k_cache.dtype in (jnp.float32, jnp.float16, jnp.bfloat16)
-        f32_weights = top["embed"].dtype == jnp.float32
-        self.attention_kernel = (cpu_paged_attention.cpu_paged_attention
-                                 if cpu_alone and kernel_kv and act_dtype == jnp.float32
-                                 and cpu_paged_attention.available()
-                                 else None)
-        self.linear_kernel = None
-        if cpu_alone and f32_weights and cpu_linear.available():
-            self.linear_kernel = LinearKernel(cpu_linear.linear, cpu_linear.MAX_TOKENS,
-                                              decode_only=True)
-        elif (cpu_alone and top["embed"].dtype == jnp.bfloat16 and cpu_amx_linear.available()
-              and all(cpu_amx_linear.supports(stacked[name].shape) for name in PROJECTIONS)):
-            head = top["embed"] if model.cfg.tie_word_embeddings else top["lm_head"]
-            self.linear_kernel = LinearKernel(cpu_amx_linear.linear,
-                                              head=cpu_amx_linear.supports((1, *head.shape)))
+        self.kernels = cpu_kernels.choose(top, stacked, model.cfg, self.k_cache.dtype,
+                                          act_dtype, cpu_alone)
+        self.attention_kernel, self.linear_kernel = self.kernels.attention, self.kernels.linear
         # Without the matmul kernel, a single decoding sequence on CPU runs its layers
         # unrolled over a second, per-layer copy of the weights: 17% faster at batch 1
         # (engine/model.py's forward says why), slower from batch 2 up.

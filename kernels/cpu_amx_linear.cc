@@ -21,27 +21,16 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_amx.h"
 #include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
+#if defined(SGLJAX_HAVE_AMX)
 namespace {
 
 constexpr int64_t kRows = 32;  // rows of W per unit of work
-
-struct TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 struct Job {
   const uint16_t* w;  // W[layer], (N, K) bf16 bits
@@ -120,12 +109,7 @@ void RunUnit(const Job& j, int64_t n, float* scratch) {
 }
 
 void Work(Job& j) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);  // per thread: tile state is a thread's own
+  sgljax::ConfigureTiles();
   alignas(64) float scratch[16 * 16];
   const int64_t units = j.N / kRows;
   for (int64_t u; (u = j.next.fetch_add(1)) < units;) {
@@ -169,13 +153,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SgljaxAmxLinear, AmxLinear,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x (K, M)
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y (N, M)
 
-// The CPU has AMX-BF16 and Linux lets this process use the tile registers (they are
-// off until asked for: ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
-extern "C" int SgljaxAmxLinearSupported() {
-  if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) return 0;
-  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-}
+extern "C" int SgljaxAmxLinearSupported() { return sgljax::AmxUsable(); }
 #else
 extern "C" int SgljaxAmxLinearSupported() { return 0; }
 #endif

@@ -29,6 +29,7 @@
 #endif
 
 #include "cpu_simd.h"
+#include "cpu_paged.h"
 #include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -36,13 +37,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// The cache's element types: 16-bit ones are kept as their bits.
-struct F16 {
-  uint16_t bits;
-};
-struct BF16 {
-  uint16_t bits;
-};
+using sgljax::BF16;
+using sgljax::F16;
 
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(BF16 x) {
@@ -70,17 +66,9 @@ inline float ToFloat(F16 x) {
 #endif
 }
 
-struct Job {
+struct Job : sgljax::PagedArgs {  // the caches' element type is the T of RunUnit<T>
   const float* q;
-  const void* k;  // cache element type: the T of RunUnit<T>
-  const void* v;
   float* out;
-  const int32_t* table;
-  const int32_t* positions;
-  const int32_t* kv_lens;
-  int64_t S, Q, H, KV, D, page_size, table_width, num_pages;
-  int64_t layer;
-  float scale;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -237,54 +225,18 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                            ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
                            ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> kv_lens,
                            ffi::ResultBuffer<ffi::F32> out) {
-  auto qd = q.dimensions(), cd = k_cache.dimensions(), td = page_table.dimensions();
-  if (qd.size() != 4 || cd.size() != 5 || td.size() != 2 || qd[3] != cd[4] ||
-      qd[2] % cd[2] != 0 || td[0] != qd[0] || positions.element_count() != qd[0] * qd[1]) {
-    return ffi::Error::InvalidArgument("paged attention: mismatched shapes");
-  }
   auto job = std::make_shared<Job>();
+  if (auto err = sgljax::ReadPagedArgs("paged attention", q.dimensions(), k_cache, v_cache,
+                                       layer, page_table, positions, kv_lens, *job);
+      !err.success()) {
+    return err;
+  }
   job->q = q.typed_data();
-  const ffi::DataType kv_type = k_cache.element_type();
-  if (v_cache.element_type() != kv_type || v_cache.dimensions().size() != 5 ||
-      v_cache.element_count() != k_cache.element_count()) {
-    return ffi::Error::InvalidArgument("paged attention: K and V caches differ");
-  }
-  if (kv_type != ffi::F32 && kv_type != ffi::F16 && kv_type != ffi::BF16) {
-    return ffi::Error::InvalidArgument("paged attention: caches must be f32, f16 or bf16");
-  }
-  job->k = k_cache.untyped_data();
-  job->v = v_cache.untyped_data();
   job->out = out->typed_data();
-  job->table = page_table.typed_data();
-  job->positions = positions.typed_data();
-  job->kv_lens = kv_lens.typed_data();
-  job->S = qd[0];
-  job->Q = qd[1];
-  job->H = qd[2];
-  job->D = qd[3];
-  job->num_pages = cd[1];
-  job->KV = cd[2];
-  job->page_size = cd[3];
-  job->table_width = td[1];
-  job->layer = layer.typed_data()[0];
-  job->scale = 1.0f / std::sqrt(static_cast<float>(job->D));
-  if (job->layer < 0 || job->layer >= cd[0]) {
-    return ffi::Error::InvalidArgument("paged attention: layer out of range");
-  }
-  // Every page id must lie in the pool: a bad id would read outside the buffer.
-  const int64_t entries = td[0] * td[1];
-  for (int64_t i = 0; i < entries; ++i) {
-    if (job->table[i] < 0 || job->table[i] >= job->num_pages) {
-      return ffi::Error::InvalidArgument("paged attention: page id out of range");
-    }
-  }
   const int64_t units = job->S * job->Q * job->KV;
-  if (kv_type == ffi::F16)
-    sgljax::ShareWork(pool, job, units, Work<F16>);
-  else if (kv_type == ffi::BF16)
-    sgljax::ShareWork(pool, job, units, Work<BF16>);
-  else
-    sgljax::ShareWork(pool, job, units, Work<float>);
+  sgljax::WithCacheType(job->kv_type, [&](auto element) {
+    sgljax::ShareWork(pool, job, units, Work<decltype(element)>);
+  });
   return ffi::Error::Success();
 }
 

@@ -32,7 +32,7 @@ def gather_pages(cache: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Ar
     return cache[layer, pages]
 
 
-def _visible(key_pos: jax.Array, positions: jax.Array, kv_lens: jax.Array) -> jax.Array:
+def visible_mask(key_pos: jax.Array, positions: jax.Array, kv_lens: jax.Array) -> jax.Array:
     """(S, Q, T) mask: causal within the sequence and inside its written tokens."""
     return ((key_pos[None, None, :] <= positions[:, :, None])
             & (key_pos[None, None, :] < kv_lens[:, None, None]))
@@ -48,20 +48,32 @@ def paged_attention(
     kv_lens: jax.Array,  # (S,) tokens in the cache for each sequence
     block_pages: int = BLOCK_PAGES,
     query_tile: int = QUERY_TILE,
+    bf16_products: bool = False,
 ) -> jax.Array:
     """Long prefill chunks go a tile of queries at a time: each tile stops at the block
     holding its own last position, so a chunk skips the blocks causality hides from its
-    early queries (half the work of a fresh prompt)."""
+    early queries (half the work of a fresh prompt).
+
+    ``bf16_products`` rounds q, k, v and the probabilities to bfloat16 and keeps every
+    sum in float32: a float32 computation of what a TPU does with a bfloat16 model,
+    and the CPU kernels' numerics for bfloat16 models (kernels/cpu_amx_attention.py)."""
     qn = q.shape[1]
+    attend = lambda q, positions: _attend(  # noqa: E731
+        q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pages, bf16_products)
     if qn <= query_tile:
-        return _attend(q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pages)
-    tiles = [_attend(q[:, i:i + query_tile], k_cache, v_cache, layer, page_table,
-                     positions[:, i:i + query_tile], kv_lens, block_pages)
+        return attend(q, positions)
+    tiles = [attend(q[:, i:i + query_tile], positions[:, i:i + query_tile])
              for i in range(0, qn, query_tile)]
     return jnp.concatenate(tiles, axis=1)
 
 
-def _attend(q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pages):
+def round_bf16(x: jax.Array) -> jax.Array:
+    """x rounded to bfloat16 and widened back to float32."""
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _attend(q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pages,
+            bf16_products):
     s, qn, h, d = q.shape
     kvh, page_size = k_cache.shape[2], k_cache.shape[3]
     group = h // kvh
@@ -70,6 +82,8 @@ def _attend(q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pa
     # Keys past a query's position are hidden from it: stop after the last one seen.
     seen = jnp.minimum(kv_lens, jnp.max(positions, axis=1) + 1)
     num_blocks = (jnp.max(seen) + block_tokens - 1) // block_tokens
+    if bf16_products:
+        q = round_bf16(q)
     qg = (q * (1.0 / jnp.sqrt(jnp.float32(d))).astype(q.dtype)).reshape(s, qn, kvh, group, d)
 
     def block(b, carry):
@@ -77,16 +91,19 @@ def _attend(q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pa
         pages = jax.lax.dynamic_slice_in_dim(table, b * block_pages, block_pages, axis=1)
         k = gather_pages(k_cache, layer, pages)  # (S, B, KV, page_size, D)
         v = gather_pages(v_cache, layer, pages)
+        if bf16_products:
+            k, v = round_bf16(k), round_bf16(v)
         scores = jnp.einsum("sqkgd,sbktd->skgqbt", qg, k, preferred_element_type=jnp.float32)
         scores = scores.reshape(s, kvh, group, qn, block_tokens)
-        visible = _visible(b * block_tokens + jnp.arange(block_tokens), positions, kv_lens)
+        visible = visible_mask(b * block_tokens + jnp.arange(block_tokens), positions, kv_lens)
         scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
         new_max = jnp.maximum(running_max, scores.max(-1))
         probs = jnp.exp(scores - new_max[..., None])
         rescale = jnp.exp(running_max - new_max)
         denom = denom * rescale + probs.sum(-1)
-        probs = probs.reshape(s, kvh, group, qn, block_pages, page_size).astype(
-            jnp.promote_types(v.dtype, q.dtype))  # a 16-bit cache under float32 queries: float32
+        probs = probs.reshape(s, kvh, group, qn, block_pages, page_size)
+        probs = (round_bf16(probs) if bf16_products  # a 16-bit cache under f32 queries: f32
+                 else probs.astype(jnp.promote_types(v.dtype, q.dtype)))
         acc = acc * rescale[..., None] + jnp.einsum(
             "skgqbt,sbktd->skgqd", probs, v, preferred_element_type=jnp.float32)
         return new_max, denom, acc
@@ -115,7 +132,7 @@ def paged_attention_reference(q, k_cache, v_cache, layer, page_table, positions,
     qg = q.reshape(s, qn, kvh, group, d)
     scores = jnp.einsum("sqkgd,sktd->skgqt", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
-    visible = _visible(jnp.arange(tokens), positions, kv_lens)
+    visible = visible_mask(jnp.arange(tokens), positions, kv_lens)
     scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(jnp.promote_types(v.dtype, q.dtype))
     out = jnp.einsum("skgqt,sktd->sqkgd", probs, v).astype(q.dtype)

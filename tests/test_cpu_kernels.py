@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sgljax.kernels import cpu_paged_attention as kernel
-from sgljax.kernels import cpu_amx_linear, cpu_linear
+from sgljax.kernels import cpu_amx_attention, cpu_amx_linear, cpu_linear
 from sgljax.kernels.paged_attention import paged_attention, paged_attention_reference
 
 
@@ -23,7 +23,7 @@ def test_builds_where_a_compiler_is():
         if "avx512f" in flags:
             assert cpu_linear.available()
         if "amx_bf16" in flags:
-            assert cpu_amx_linear.available()
+            assert cpu_amx_linear.available() and cpu_amx_attention.available()
 
 
 @pytest.mark.skipif(not cpu_linear.available(), reason="no C++ compiler or no AVX-512")
@@ -148,13 +148,14 @@ def test_bad_page_id_is_an_error_not_a_wild_read():
 
 @pytest.mark.skipif(not kernel.available(), reason="no C++ compiler")
 @pytest.mark.parametrize("dtype,kv_dtype", [("float32", "auto"), ("bfloat16", "auto"),
-                                            ("float32", "float16")])
+                                            ("float32", "float16"), ("bfloat16", "float16")])
 def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype, kv_dtype):
     from sgljax.engine.engine import Engine
     from sgljax.engine.sampling import SamplingParams
 
     prompts = [[5, 9, 13, 200 + i] * (3 + 4 * i) for i in range(5)]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True,
+                            top_logprobs=2)
 
     def run():
         engine = Engine(model_path=str(tiny_models["qwen3"]), dtype=dtype,
@@ -163,17 +164,37 @@ def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype, kv
         outs = engine.generate(prompts, params)
         runner = engine.runner
         assert runner.k_cache.dtype == (jnp.float16 if kv_dtype == "float16" else jnp.float32)
-        return (runner.attention_kernel, runner.linear_kernel), [o["token_ids"] for o in outs]
+        return (runner.attention_kernel, runner.linear_kernel), outs
 
     used, with_kernel = run()
     assert used[0] is not None
     matmul = cpu_linear if dtype == "float32" else cpu_amx_linear
     assert (used[1] is not None) == matmul.available()
+    if dtype == "bfloat16" and cpu_amx_attention.available():
+        assert used[0].chunk is cpu_amx_attention.amx_attention
+        assert used[0].decode is kernel.cpu_paged_attention
     kernel.cpu_build.load.cache_clear()
     monkeypatch.setenv("SGLJAX_DISABLE_CPU_KERNELS", "1")
     try:
         unused, without = run()
     finally:
         kernel.cpu_build.load.cache_clear()
-    assert unused == (None, None)
-    assert with_kernel == without
+    # Without kernels: XLA's dots, and pure-JAX attention (bf16 products for bf16 weights).
+    assert unused[1] is None
+    assert unused[0] is None if dtype == "float32" else unused[0].chunk.func is paged_attention
+    if dtype == "float32":
+        assert [o["token_ids"] for o in with_kernel] == [o["token_ids"] for o in without]
+    else:  # bf16 rounding of intermediates can break a near tie the other way
+        for a, b in zip(with_kernel, without):
+            _same_until_a_near_tie(a, b, tol=0.02)
+
+
+def _same_until_a_near_tie(a, b, tol):
+    """Greedy outputs a and b agree token for token with logprobs within tol, or until
+    a step whose two best tokens (in a) were within tol of each other."""
+    ids_a, ids_b = a["token_ids"], b["token_ids"]
+    part = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), len(ids_a))
+    np.testing.assert_allclose(a["logprobs"][:part], b["logprobs"][:part], atol=tol)
+    if part < len(ids_a):
+        (first, lp1), (second, lp2) = a["top_logprobs"][part][:2]
+        assert {first, second} == {ids_a[part], ids_b[part]} and lp1 - lp2 < tol
