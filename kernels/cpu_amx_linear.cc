@@ -43,21 +43,47 @@ struct Job {
 
 // x (K, M) float32 -> bf16 (round to nearest even), k pairs interleaved per token:
 // xp[b][p][t] = bf16(x[2p][16b + t]) | bf16(x[2p + 1][16b + t]) << 16; tokens past M are 0.
-void PackX(Job& j, const float* x) {
-  const int64_t K = j.K, M = j.M, pairs = K / 2;
-  j.xp.assign(j.blocks_m * pairs * 16, 0u);
-  for (int64_t b = 0; b < j.blocks_m; ++b) {
-    const int64_t t0 = b * 16, n = std::min<int64_t>(16, M - t0);
-    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-    uint32_t* out = j.xp.data() + b * pairs * 16;
-    for (int64_t p = 0; p < pairs; ++p) {
-      const __m512 lo = _mm512_maskz_loadu_ps(mask, x + (2 * p) * M + t0);
-      const __m512 hi = _mm512_maskz_loadu_ps(mask, x + (2 * p + 1) * M + t0);
-      const __m512i lo16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
-      const __m512i hi16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
-      _mm512_storeu_si512(out + p * 16, _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
-    }
+// One block of 16 tokens.
+void PackBlock(Job& j, const float* x, int64_t b) {
+  const int64_t M = j.M, pairs = j.K / 2, t0 = b * 16, n = std::min<int64_t>(16, M - t0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+  uint32_t* out = j.xp.data() + b * pairs * 16;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512 lo = _mm512_maskz_loadu_ps(mask, x + (2 * p) * M + t0);
+    const __m512 hi = _mm512_maskz_loadu_ps(mask, x + (2 * p + 1) * M + t0);
+    const __m512i lo16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+    const __m512i hi16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
+    _mm512_storeu_si512(out + p * 16, _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
   }
+}
+
+// Packing a prefill step's x is shared over the pool too (a decode step's few tokens
+// are not worth the hand-off).
+struct PackJob {
+  std::shared_ptr<Job> j;  // a helper that starts late still holds what it reads
+  const float* x;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+constexpr int64_t kSharedPackBlocks = 8;
+
+void PackWork(PackJob& p) {
+  for (int64_t b; (b = p.next.fetch_add(1)) < p.j->blocks_m;) {
+    PackBlock(*p.j, p.x, b);
+    p.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void PackX(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const float* x) {
+  job->xp.resize(job->blocks_m * (job->K / 2) * 16);  // every element is written
+  if (job->blocks_m < kSharedPackBlocks) {
+    for (int64_t b = 0; b < job->blocks_m; ++b) PackBlock(*job, x, b);
+    return;
+  }
+  auto pack = std::make_shared<PackJob>();
+  pack->j = job;
+  pack->x = x;
+  sgljax::ShareWork(pool, pack, job->blocks_m, PackWork);
 }
 
 // Writes a C tile (16 rows x 16 tokens; `store` names it, as tile numbers must be
@@ -137,7 +163,7 @@ ffi::Error AmxLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> w, ffi::Buffer
   job->blocks_m = (job->M + 15) / 16;
   job->w = reinterpret_cast<const uint16_t*>(w.typed_data()) + l * job->N * job->K;
   job->y = y->typed_data();
-  PackX(*job, x.typed_data());
+  PackX(pool, job, x.typed_data());
   const int64_t units = job->N / kRows;
   sgljax::ShareWork(pool, job, units, Work);
   return ffi::Error::Success();

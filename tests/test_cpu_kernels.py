@@ -45,7 +45,7 @@ def test_amx_linear_matches_float64(n, k):
     rng = np.random.default_rng(n + k)
     w = jnp.asarray(rng.standard_normal((3, n, k)), jnp.bfloat16)
     w64 = np.asarray(w.astype(jnp.float32), np.float64)
-    for m in (1, 5, 16, 17, 32, 33, 64, 100):  # one or two token tiles, partial tiles
+    for m in (1, 5, 16, 17, 32, 33, 64, 100, 130, 512):  # partial tiles; x packed by one thread or all
         x = jnp.asarray(rng.standard_normal((k, m)), jnp.float32)
         x64 = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
         for layer in (0, 2):
