@@ -100,6 +100,14 @@ inline __m512 Load16(const BF16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
 
+// Pages are scattered over the pool, so the hardware prefetcher stops at each page's
+// end: ask for the next page's rows of this head while the current one is used.
+template <typename T>
+inline void PrefetchPage(const T* rows, int64_t count) {
+  const char* p = reinterpret_cast<const char*>(rows);
+  for (int64_t b = 0; b < count * int64_t{sizeof(T)}; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 // One (sequence, kv head) with head_dim D, pages of 16 rows: all `group` query heads
 // that share the kv head. Pass 1 writes scores, pass 2 sums values; the page being
 // read stays in L1 while every query head of the group uses it.
@@ -124,6 +132,7 @@ void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
 
   for (int64_t t0 = 0; t0 < n; t0 += 16) {
     const T* kp = kbase + pages[t0 / 16] * page_stride;
+    if (t0 + 16 < n) PrefetchPage(kbase + pages[t0 / 16 + 1] * page_stride, 16 * D);
     for (int64_t g = 0; g < group; ++g) {
       __m512 qv[C], rows[16];
       for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * D + c * 16);
@@ -138,8 +147,10 @@ void RunUnit16(const Job& j, int64_t unit, std::vector<float>& scores) {
   for (int64_t g = 0; g < group; ++g) Softmax(scores.data() + g * padded, n);
   for (int64_t g = 0; g < group; ++g)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + c * 16, _mm512_setzero_ps());
+  PrefetchPage(vbase + pages[0] * page_stride, 16 * D);
   for (int64_t t0 = 0; t0 < n; t0 += 16) {
     const T* vp = vbase + pages[t0 / 16] * page_stride;
+    if (t0 + 16 < n) PrefetchPage(vbase + pages[t0 / 16 + 1] * page_stride, 16 * D);
     const int64_t rows = std::min<int64_t>(16, n - t0);
     for (int64_t g = 0; g < group; ++g) {
       const float* w = scores.data() + g * padded + t0;
