@@ -4,8 +4,8 @@
 // them; cpu_paged_attention.cc does that one query at a time on the vector unit. Here
 // the chunk's queries of one kv head are a matrix, and both products run on the tile
 // unit: S = Q K^T and O = P V, in bfloat16 with float32 sums, as on a TPU with bf16
-// models. 8 sequences x 64 queries over 1,088 cached tokens (bf16 cache, SmolLM2's
-// heads): 2.8 ms a layer here, 13.4 ms on the vector unit.
+// models. 8 sequences x 64 queries over 1,088 cached tokens (f16 cache, SmolLM2's
+// heads, benchmarks/attention_kernels.py): 3.3 ms a layer here, 15.5 on the vector unit.
 //
 // Numerics (kernels/cpu_amx_attention.py has the pure-JAX reference): q, k and v are
 // rounded to bfloat16; scores are summed in float32 and scaled by 1/sqrt(D); each row's
