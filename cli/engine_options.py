@@ -32,6 +32,10 @@ PageSize = Annotated[int, typer.Option("--page-size", help="Tokens per KV page."
 MaxRunning = Annotated[int, typer.Option("--max-running-requests")]
 ChunkedPrefill = Annotated[int, typer.Option("--chunked-prefill-size", "--max-prefill-tokens",
                                              help="Token budget of one prefill step.")]
+NewSeqsPerPrefill = Annotated[Optional[int], typer.Option(
+    "--new-seqs-per-prefill",
+    help="New prompts one prefill step takes (default 1 on CPU, else up to 8). More admit "
+         "a burst sooner; fewer stall decodes less and keep requests out of lockstep.")]
 ContextLength = Annotated[int, typer.Option("--context-length")]
 MaxTotalTokens = Annotated[Optional[int], typer.Option("--max-total-tokens",
                                                        help="KV pool size in tokens.")]

@@ -27,6 +27,7 @@ def serve(
     max_total_tokens: eo.MaxTotalTokens = None,
     max_running_requests: eo.MaxRunning = D.max_running_requests,
     chunked_prefill_size: eo.ChunkedPrefill = D.chunked_prefill_size,
+    new_seqs_per_prefill: eo.NewSeqsPerPrefill = None,
     max_queued_requests: Optional[int] = typer.Option(
         None, "--max-queued-requests", help="Answer 503 beyond this many waiting requests."),
     disable_radix_cache: eo.DisableRadix = False,
@@ -61,7 +62,7 @@ def serve(
         if schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"--schedule-policy must be one of {', '.join(SCHEDULE_POLICIES)}")
         for name in ("page_size", "context_length", "max_running_requests",
-                     "chunked_prefill_size", "max_total_tokens"):
+                     "chunked_prefill_size", "max_total_tokens", "new_seqs_per_prefill"):
             value = locals()[name]
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

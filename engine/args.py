@@ -34,6 +34,9 @@ class EngineArgs:
     max_running_requests: int = 64
     chunked_prefill_size: int = 512
     max_prefill_seqs: int = 8
+    # New prompts one prefill step takes (see scheduler.py); None → 1 on CPU, where a
+    # prefill step is long next to a decode step, else up to max_prefill_seqs.
+    new_seqs_per_prefill: int | None = None
     context_length: int | None = 4096
     max_total_tokens: int | None = None  # KV pool size in tokens; None → from mem_fraction_static
     mem_fraction_static: float = 0.25

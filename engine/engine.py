@@ -26,6 +26,7 @@ from sgljax.engine.pathways import init_backend
 from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.step_clock import StepClock
 from sgljax.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from sgljax.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -99,15 +100,19 @@ class Engine:
         self.pool = PagePool(kv_spec.num_pages)
         self.prefix_cache = (NoPrefixCache() if args.disable_radix_cache
                              else RadixPrefixCache(self.pool, ps))
+        # A prefill step holds its new prompts and at most one part-way through its chunks.
+        new_per_prefill = args.new_seqs_per_prefill or (1 if on_cpu else args.max_prefill_seqs)
         self.plan = BucketPlan.plan(
-            max_running=args.max_running_requests, max_prefill_seqs=args.max_prefill_seqs,
+            max_running=args.max_running_requests,
+            max_prefill_seqs=min(args.max_prefill_seqs, new_per_prefill + 1),
             chunked_prefill_size=args.chunked_prefill_size, max_pages_per_seq=max_pages_per_seq,
             page_size=ps, bs_paddings=args.precompile_bs_paddings,
             token_paddings=args.precompile_token_paddings)
         self.scheduler = Scheduler(SchedulerConfig(
             page_size=ps, max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
-            schedule_policy=args.schedule_policy), self.pool, self.prefix_cache, self.plan)
+            schedule_policy=args.schedule_policy,
+            new_seqs_per_prefill=new_per_prefill), self.pool, self.prefix_cache, self.plan)
         self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan, act_dtype, executable_cache=(
             ExecutableCache(cache_dir, self.mesh) if cache_dir is not None else None))
         self._leader = self._follower = None
@@ -120,6 +125,7 @@ class Engine:
                 self._follower = Follower(addr, args.node_rank, leader=args.dist_init_addr)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._in_flight: InFlight | None = None  # the launched step not yet landed
+        self.clock = StepClock()  # how long steps run: the server waits to choose the next
         self._rng = random.Random(args.random_seed)
         log.info("KV pool: %d pages of %d tokens; buckets: %s", kv_spec.num_pages, ps,
                  self.plan.describe())
@@ -195,12 +201,16 @@ class Engine:
         on the host, so while a running request has them each step lands at once.
         """
         results = []
+        prepare_started = time.monotonic()
+        if self._in_flight is None:
+            self.clock.queue.clear()  # nothing in flight (a failed step may have left one)
         if self._in_flight is not None and not self._may_overlap():
             results += self._land(self._pop_in_flight())
         sched = self.scheduler.schedule()
         previous = self._pop_in_flight()
         if sched is not None:
             self._in_flight = self._launch(sched)
+            self.clock.launched(self._in_flight.launched.shape, prepare_started)
         if previous is not None:
             results += self._land(previous)
         if self._in_flight is not None and not self._may_overlap():
@@ -230,6 +240,7 @@ class Engine:
 
     def _land(self, in_flight: InFlight) -> list[RequestOutput]:
         out = self.runner.fetch(in_flight.launched)
+        self.clock.landed()
         results = []
         now = time.monotonic()
         for i, (seq, sampled) in enumerate(zip(in_flight.sched.seqs, in_flight.samples)):

@@ -51,6 +51,7 @@ class StepOutput:
 class Launched:
     """A dispatched step, still running or done: its outputs on the device."""
     outputs: tuple  # tokens, logprobs, top ids, top logprobs
+    shape: tuple = ()  # the step's (S, Q) bucket
 
 
 def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
@@ -198,9 +199,10 @@ class ModelRunner:
 
     def launch(self, sched: ScheduledBatch) -> Launched:
         """Pack and dispatch a scheduled batch; returns at once, the step runs on."""
-        outputs = self.dispatch(*self.pack(sched))
+        batch, sbatch, adjust = self.pack(sched)
+        outputs = self.dispatch(batch, sbatch, adjust)
         self._last_rows = {seq.rid: i for i, seq in enumerate(sched.seqs)}
-        return Launched(outputs)
+        return Launched(outputs, batch.tokens.shape)
 
     @staticmethod
     def fetch(launched: Launched) -> StepOutput:

