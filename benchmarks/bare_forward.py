@@ -49,6 +49,18 @@ def bare_step(model, tokens, per_layer=None):
     return jnp.argmax(head @ h, axis=0)
 
 
+def bare_forward_ms(model, batch: int, iters: int = 20) -> float:
+    """Milliseconds a scanned bare step of ``model`` takes at ``batch`` tokens."""
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda state, t: bare_step(nnx.merge(graphdef, state), t))
+    tokens = np.ones((batch,), np.int32)
+    jax.block_until_ready(step(state, tokens))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        jax.block_until_ready(step(state, tokens))
+    return (time.perf_counter() - t0) / iters * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-path", default=None)

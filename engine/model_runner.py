@@ -77,6 +77,7 @@ class ModelRunner:
         self.plan = plan
         self.page_size = kv_spec.page_size
         self.vocab_size = model.cfg.vocab_size
+        self.model = model
         top, stacked = model.weights()
         self.k_cache, self.v_cache = kv_spec.allocate(mesh)
         # On one CPU device, steps use C++ kernels where they run (engine/cpu_kernels.py).
