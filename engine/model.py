@@ -22,6 +22,20 @@ from sgljax.kernels.paged_attention import paged_attention, write_kv
 
 TP = "tp"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Projections that read the same input, and the name of their rows stacked as one weight.
+FUSIBLE = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj"}
+
+
+def fuse_projections(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Stacked layer weights with q/k/v and gate/up each as one (L, sum of N, K) weight.
+
+    One matmul kernel call per group reads the input once and fills the tile unit
+    longer (AMX, a 512-token step: q+k+v 0.76 → 0.55 ms a layer, gate+up 1.44 → 1.12)."""
+    out = {name: w for name, w in stacked.items()
+           if not any(name in group for group in FUSIBLE)}
+    for group, fused in FUSIBLE.items():
+        out[fused] = jnp.concatenate([stacked[name] for name in group], axis=1)
+    return out
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, sharding, scale=0.02, ones=False):
@@ -160,11 +174,23 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
     attention = attention_kernel or paged_attention
     if linear_kernel and linear_kernel.takes(s, qn) and isinstance(layers, dict):
         # The projections stay whole, closed over; the scan slices only norms and biases.
-        whole = {name: layers[name] for name in PROJECTIONS}
-        layers = {name: w for name, w in layers.items() if name not in PROJECTIONS}
+        whole = {name: w for name, w in layers.items() if name.endswith("_proj")}
+        layers = {name: w for name, w in layers.items() if name not in whole}
         mm = lambda w, name, layer, x: linear_kernel.fn(whole[name], layer, x)  # noqa: E731
+        has = whole.__contains__
     else:
         mm = lambda w, name, layer, x: dense(w[name], x)  # noqa: E731
+        has = (layers if isinstance(layers, dict) else layers[0]).__contains__
+
+    def project(w, layer, x, group, rows):
+        """mm of each projection in ``group`` (of ``rows`` output rows each) on x: one
+        call on their fused weight where the runner made one (``fuse_projections``)."""
+        fused = FUSIBLE[group]
+        if not has(fused):
+            return [mm(w, name, layer, x) for name in group]
+        y = mm(w, fused, layer, x)
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        return [y[a:a + r] for a, r in zip(starts, rows)]
 
     def heads(x, bias, count):  # (count * hd, N) → token-major (S, Q, count, hd)
         if bias is not None:
@@ -176,9 +202,11 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
         w, layer = xs
         x = rms_norm_features(h, w["input_norm"], cfg.rms_norm_eps)
         bias = (lambda name: w[name]) if cfg.qkv_bias else (lambda name: None)
-        q = heads(mm(w, "q_proj", layer, x), bias("q_bias"), nh)
-        k = heads(mm(w, "k_proj", layer, x), bias("k_bias"), kvh)
-        v = heads(mm(w, "v_proj", layer, x), bias("v_bias"), kvh)
+        q, k, v = project(w, layer, x, ("q_proj", "k_proj", "v_proj"),
+                          (nh * hd, kvh * hd, kvh * hd))
+        q = heads(q, bias("q_bias"), nh)
+        k = heads(k, bias("k_bias"), kvh)
+        v = heads(v, bias("v_bias"), kvh)
         if cfg.qk_norm:
             q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
@@ -188,7 +216,8 @@ def forward(cfg: ModelConfig, kv_heads: int, top: dict[str, jax.Array],
                          batch.kv_lens)
         h = h + mm(w, "o_proj", layer, attn.reshape(n, nh * hd).T)
         x = rms_norm_features(h, w["post_attn_norm"], cfg.rms_norm_eps)
-        gated = jax.nn.silu(mm(w, "gate_proj", layer, x)) * mm(w, "up_proj", layer, x)
+        gate, up = project(w, layer, x, ("gate_proj", "up_proj"), (cfg.intermediate_size,) * 2)
+        gated = jax.nn.silu(gate) * up
         h = h + mm(w, "down_proj", layer, gated)  # SwiGLU MLP
         return (h, k_cache, v_cache), None
 

@@ -31,7 +31,7 @@ from sgljax.engine.executable_cache import ExecutableCache
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.mesh import global_array
 from sgljax.engine import cpu_kernels
-from sgljax.engine.model import Decoder, forward, unstack_layers
+from sgljax.engine.model import Decoder, forward, fuse_projections, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
 from sgljax.engine.scheduler import ScheduledBatch
@@ -86,6 +86,8 @@ class ModelRunner:
         self.kernels = cpu_kernels.choose(top, stacked, model.cfg, self.k_cache.dtype,
                                           act_dtype, cpu_alone)
         self.attention_kernel, self.linear_kernel = self.kernels.attention, self.kernels.linear
+        if self.linear_kernel:  # one kernel call for q/k/v and one for gate/up
+            stacked = jax.jit(fuse_projections)(stacked)
         # Without the matmul kernel, a single decoding sequence on CPU runs its layers
         # unrolled over a second, per-layer copy of the weights: 17% faster at batch 1
         # (engine/model.py's forward says why), slower from batch 2 up.

@@ -1,5 +1,6 @@
-"""The decoder's two forms, scanned over stacked weights and unrolled over per-layer
-weights, compute the same step (the runner uses the unrolled one for batch-1 decodes)."""
+"""The decoder's forms compute the same step: scanned over stacked weights, unrolled
+over per-layer weights (the runner uses it for batch-1 decodes without a matmul
+kernel), and scanned over weights with q/k/v and gate/up fused (with a matmul kernel)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +11,14 @@ from flax import nnx
 from sgljax.engine.batch import StepBatch
 from sgljax.engine.config import ModelConfig
 from sgljax.engine.mesh import make_mesh
-from sgljax.engine.model import Decoder, forward, unstack_layers
+from sgljax.engine.model import Decoder, forward, fuse_projections, unstack_layers
 from tiny_models import tiny_config
 
 PAGE = 4
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
-def test_unrolled_equals_scanned(arch):
+def test_unrolled_and_fused_equal_scanned(arch):
     cfg = ModelConfig.from_hf_dict({**tiny_config(arch, vocab_size=512), "architectures": [
         {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
          "llama": "LlamaForCausalLM"}[arch]]})
@@ -41,7 +42,11 @@ def test_unrolled_equals_scanned(arch):
     run = jax.jit(lambda layers, k, v: forward(cfg, kvh, top, layers, batch, k, v))
     scanned = run(stacked, k_cache, v_cache)
     unrolled = run(unstack_layers(stacked), k_cache, v_cache)
-    for a, b in zip(scanned, unrolled):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    fused_weights = fuse_projections(stacked)
+    assert "qkv_proj" in fused_weights and "q_proj" not in fused_weights
+    fused = run(fused_weights, k_cache, v_cache)
+    for other in (unrolled, fused):
+        for a, b in zip(scanned, other):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     # And the step did something: the written cache differs from the one passed in.
     assert not np.allclose(np.asarray(scanned[1]), np.asarray(k_cache))
