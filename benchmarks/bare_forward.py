@@ -19,8 +19,9 @@ from flax import nnx
 
 from sgljax.engine.layers import rms_norm_features, swiglu_mlp
 from sgljax.engine.loader import load_model
+from sgljax.engine.model_files import resolve_model_path
 from sgljax.engine.mesh import make_mesh
-from sgljax.engine.model import unstack_layers
+from sgljax.engine.weight_forms import unstack_layers
 
 
 def bare_step(model, tokens, per_layer=None):
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
-    model = load_model(args.model_path, make_mesh(1)).model
+    model = load_model(resolve_model_path(args.model_path), make_mesh(1)).model
     graphdef, state = nnx.split(model)
     per_layer = jax.jit(unstack_layers)(model.weights()[1])
     step = jax.jit(lambda state, t, pl: bare_step(nnx.merge(graphdef, state), t, pl))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgljax.engine.config import ModelConfig
-from sgljax.engine.loader import resolve_model_path
+from sgljax.engine.model_files import resolve_model_path
 
 
 def _best_ms(fn, iters: int = 10) -> float:

@@ -19,7 +19,7 @@ import numpy as np
 
 from bare_forward import bare_forward_ms
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def default_model_dir() -> Path:
-    code = "from sgljax.engine.loader import resolve_model_path; print(resolve_model_path(None))"
+    code = "from sgljax.engine.model_files import resolve_model_path; print(resolve_model_path(None))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 
 
 def tiny_model(out: Path) -> Path:

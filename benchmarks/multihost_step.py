@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def run_engine(args, nnodes: int, rank: int, port: int) -> None:
     from sgljax.engine.engine import Engine
-    from sgljax.engine.sampling import SamplingParams
+    from sgljax.engine.sampling_params import SamplingParams
 
     kw = dict(model_path=args.model_path, tp_size=4, max_running_requests=args.batch,
               context_length=512, disable_radix_cache=True)

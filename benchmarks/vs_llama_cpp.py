@@ -92,7 +92,7 @@ def build_server(src: Path, jobs: int) -> Path:
 def default_model_dir() -> Path:
     """An HF folder (config, tokenizer, float32 safetensors) of the default model, made
     from the same GGUF sgljax serves (convert_hf_to_gguf.py needs safetensors)."""
-    code = ("from sgljax.engine.loader import cache_root, default_gguf, prepare_gguf_folder; "
+    code = ("from sgljax.engine.model_files import cache_root, default_gguf, prepare_gguf_folder; "
             "print(prepare_gguf_folder(default_gguf(), "
             "cache_root() / 'models' / 'SmolLM2-135M-Instruct'))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

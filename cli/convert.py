@@ -36,15 +36,17 @@ def convert(
                                    TimeRemainingColumn, TransferSpeedColumn)
 
         from sgljax.engine.convert import convert_model, request_cpu_devices
-        from sgljax.engine.loader import DEFAULT_MODEL, DEFAULT_NAMES, default_gguf
+        from sgljax.engine.default_model import (DEFAULT_MODEL, DEFAULT_NAMES,
+                                                 GENERATION_DEFAULTS, default_gguf)
 
         # Before anything starts JAX: the checkpoint is written in tp_size chunks per tensor
         # (so a multi-host restore reads only its part), one per CPU device.
         request_cpu_devices(tp_size)
 
-        label = None
+        label = generation_defaults = None
         if source in DEFAULT_NAMES:
             label, source = DEFAULT_MODEL, str(default_gguf())
+            generation_defaults = GENERATION_DEFAULTS
         console = Console(stderr=True)
         t0 = time.perf_counter()
         with Progress(TextColumn("{task.description:<16}"), BarColumn(), DownloadColumn(),
@@ -58,7 +60,8 @@ def convert(
                 bar.update(tasks[phase], advance=advance)
 
             manifest = convert_model(source, output, dtype=dtype, tp_size=tp_size, force=force,
-                                     progress=on_progress, label=label)
+                                     progress=on_progress, label=label,
+                                     generation_defaults=generation_defaults)
         typer.echo(f"wrote {output}: {manifest['param_count']:,} parameters, "
                    f"{manifest['bytes'] / 1e9:.2f} GB {manifest['dtype']}, "
                    f"in {time.perf_counter() - t0:.1f} s")

@@ -1,83 +1,130 @@
-"""Engine flags shared by ``serve``, ``warmup`` and ``up local`` (SGLang names).
+"""The engine flags, made from ``EngineArgs``: every command that builds an Engine takes
+the same ones (SGLang names; help, defaults and checks live in engine/args.py).
 
-Each command declares ``**ENGINE_OPTIONS``-style parameters through these
-aliases, and ``engine_args(locals())`` turns them into ``EngineArgs``.
+``@engine_options()`` adds one ``typer.Option`` per EngineArgs field to a command and
+hands the command the parsed, checked ``engine_args: EngineArgs``::
+
+    @engine_options()
+    def serve(engine_args: EngineArgs, port: int = typer.Option(30000, "--port")): ...
+
+Field ``page_size`` is ``--page-size`` (or the names in its ``flags`` metadata), a bool
+field is a switch, and a ``list[int]`` field reads ``1,2,4``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import dataclasses
+import functools
+import inspect
+import typing
+from typing import Optional
 
 import typer
 
-from sgljax.engine.args import EngineArgs
+from sgljax.cli.errors import user_errors
+from sgljax.engine.args import EngineArgs, flag_name
+
+PANEL = "Engine options"
+PARAM = "engine_args"  # the command's parameter that receives the EngineArgs
+FIELDS = {f.name: f for f in dataclasses.fields(EngineArgs)}
+_HINTS = typing.get_type_hints(EngineArgs)
 
 
-def _int_list(value: Optional[str]) -> Optional[list[int]]:
-    if not value:
+def _is_int_list(name: str) -> bool:
+    return list[int] in typing.get_args(_HINTS[name])
+
+
+def flags(name: str) -> tuple[str, ...]:
+    """The CLI names of field ``name``; the first is its canonical spelling."""
+    return FIELDS[name].metadata.get("flags") or (flag_name(name),)
+
+
+def _int_list(name: str, value: Optional[str]) -> Optional[list[int]]:
+    if value is None:
         return None
     try:
         return [int(v) for v in value.replace(",", " ").split()]
     except ValueError:
-        raise typer.BadParameter("expected integers separated by commas") from None
+        raise ValueError(f"{flag_name(name)} expects integers separated by commas, "
+                         f"not {value!r}") from None
 
 
-ModelPath = Annotated[Optional[str], typer.Option(
-    "--model-path", "-m", help="HF folder, .gguf file, or converted checkpoint (default: SmolLM2-135M-Instruct).")]
-Dtype = Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")]
-KvCacheDtype = Annotated[str, typer.Option(
-    "--kv-cache-dtype", help="auto (float32 on CPU, else the weights'), float32, bfloat16 or float16.")]
-TpSize = Annotated[int, typer.Option("--tp-size", help="Tensor-parallel devices.")]
-PageSize = Annotated[int, typer.Option("--page-size", help="Tokens per KV page.")]
-MaxRunning = Annotated[int, typer.Option("--max-running-requests")]
-ChunkedPrefill = Annotated[int, typer.Option("--chunked-prefill-size", "--max-prefill-tokens",
-                                             help="Token budget of one prefill step.")]
-NewSeqsPerPrefill = Annotated[Optional[int], typer.Option(
-    "--new-seqs-per-prefill",
-    help="New prompts one prefill step takes (default 1 on CPU, else up to 8). More admit "
-         "a burst sooner; fewer stall decodes less and keep requests out of lockstep.")]
-ContextLength = Annotated[int, typer.Option("--context-length")]
-MaxTotalTokens = Annotated[Optional[int], typer.Option("--max-total-tokens",
-                                                       help="KV pool size in tokens.")]
-MemFraction = Annotated[float, typer.Option("--mem-fraction-static",
-                                            help="Share of free memory for the KV pool.")]
-DisableRadix = Annotated[bool, typer.Option("--disable-radix-cache")]
-DisableOverlap = Annotated[bool, typer.Option(
-    "--disable-overlap-schedule", help="Prepare each step only after the last one lands.")]
-SchedulePolicy = Annotated[str, typer.Option("--schedule-policy", help="fcfs or lpm.")]
-RandomSeed = Annotated[Optional[int], typer.Option("--random-seed")]
-BsPaddings = Annotated[Optional[str], typer.Option("--precompile-bs-paddings",
-                                                   help="Decode batch buckets, e.g. 1,4,16,64.")]
-TokenPaddings = Annotated[Optional[str], typer.Option("--precompile-token-paddings",
-                                                      help="Prefill token buckets, e.g. 64,256,512.")]
-CacheDir = Annotated[Optional[str], typer.Option(
-    "--compilation-cache-dir", help="Persistent compilation cache (default ~/.cache/sgljax/jax-cache).")]
-
-NNodes = Annotated[int, typer.Option("--nnodes", help="Hosts running one engine together.")]
-NodeRank = Annotated[int, typer.Option("--node-rank", help="This host's rank (0 serves HTTP).")]
-DistInitAddr = Annotated[Optional[str], typer.Option(
-    "--dist-init-addr", help="HOST:PORT of rank 0's JAX coordinator (the next port is also used).")]
-
-Device = Annotated[str, typer.Option(
-    "--device", help="auto, cpu, tpu, gpu, or proxy (Pathways: one controller drives the "
-                     "whole slice through an IFRT proxy; same as --controller pathways).")]
-Controller = Annotated[str, typer.Option(
-    "--controller", help="multi (one process per host) or pathways (same as --device proxy).")]
-PathwaysProxyAddr = Annotated[Optional[str], typer.Option(
-    "--pathways-proxy-addr", envvar="JAX_BACKEND_TARGET",
-    help="Pathways IFRT proxy, e.g. grpc://localhost:29000 (default: $JAX_BACKEND_TARGET).")]
-DiscoveryTimeout = Annotated[float, typer.Option(
-    "--device-discovery-timeout",
-    help="Seconds to wait for the Pathways proxy's devices before exiting (0: no bound).")]
-
-ENGINE_DEFAULTS = EngineArgs()
+def _option(name: str, default) -> inspect.Parameter:
+    meta = FIELDS[name].metadata
+    hint = _HINTS[name]
+    extra = {k: v for k, v in meta.items() if k not in ("help", "flags", "inverted")}
+    if meta.get("inverted"):  # the switch sets the field false
+        default = not default
+    if _is_int_list(name):  # typed as text; engine_args_from parses it (errors: one line)
+        hint, extra = Optional[str], {"metavar": "N,N,...", **extra}
+        default = None if default is None else ",".join(map(str, default))
+    option = typer.Option(default, *flags(name), help=meta.get("help"),
+                          rich_help_panel=PANEL, **extra)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=hint)
 
 
-def engine_args(opts: dict) -> EngineArgs:
-    """EngineArgs from a command's local variables (names as in EngineArgs)."""
-    fields = EngineArgs.__dataclass_fields__
-    kw = {k: v for k, v in opts.items() if k in fields}
-    for k in ("precompile_bs_paddings", "precompile_token_paddings"):
-        if isinstance(kw.get(k), str):
-            kw[k] = _int_list(kw[k])
+def engine_args_from(values: dict) -> EngineArgs:
+    """EngineArgs from parsed option values (field names; lists still as text)."""
+    kw = {k: v for k, v in values.items() if k in FIELDS}
+    for k in kw:
+        if _is_int_list(k) and isinstance(kw[k], str):
+            kw[k] = _int_list(k, kw[k])
+        elif FIELDS[k].metadata.get("inverted"):
+            kw[k] = not kw[k]
     return EngineArgs(**kw)
+
+
+def engine_options(defaults: dict | None = None):
+    """Decorator: give the command every engine flag; it receives ``engine_args``.
+
+    ``defaults`` changes a flag's default for this command only (``--help`` shows it).
+    The settings are checked before the command runs: a bad one is ``error: ...``, exit 1.
+    """
+    defaults = defaults or {}
+    unknown = set(defaults) - set(FIELDS)
+    if unknown:
+        raise TypeError(f"not EngineArgs fields: {sorted(unknown)}")
+
+    def wrap(command):
+        own = inspect.signature(command, eval_str=True).parameters
+        if PARAM not in own:
+            raise TypeError(f"{command.__name__} must take an {PARAM!r} parameter")
+        clash = set(own) & set(FIELDS)
+        if clash:
+            raise TypeError(f"{command.__name__} declares engine flags itself: {sorted(clash)}")
+        params = [p for p in own.values() if p.name != PARAM] + [
+            _option(f.name, defaults.get(f.name, f.default)) for f in FIELDS.values()]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            with user_errors():
+                args = engine_args_from({k: kwargs.pop(k) for k in FIELDS})
+            return command(**kwargs, **{PARAM: args})
+
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # Typer must read the new signature, not the command's
+        return wrapper
+
+    return wrap
+
+
+def to_flags(values: dict) -> list[str]:
+    """``--flag value`` for EngineArgs field values (lists comma-joined; a bool is its
+    switch when the value differs from the switch's default, else nothing)."""
+    out = []
+    for name, value in values.items():
+        if name not in FIELDS:
+            raise KeyError(f"{name} is not an engine flag")
+        if value is None:
+            continue
+        flag = flags(name)[0]
+        if isinstance(value, bool):
+            if value != bool(FIELDS[name].metadata.get("inverted")):
+                out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            out += [flag, ",".join(map(str, value))]
+        else:
+            out += [flag, str(value)]
+    return out

@@ -7,39 +7,29 @@ from typing import Optional
 
 import typer
 
-from sgljax.cli import engine_options as eo
+from sgljax.cli.engine_options import engine_options
 from sgljax.cli.errors import user_errors
+from sgljax.engine.args import EngineArgs
 
 
+@engine_options(defaults={"max_running_requests": 16})  # a few prompts, not a server's load
 def generate(
+    engine_args: EngineArgs,
     prompts: list[str] = typer.Argument(..., help="One or more prompts."),
-    model_path: Optional[str] = typer.Option(None, "--model-path", "-m",
-                                             help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)."),
     max_tokens: int = typer.Option(128, "--max-tokens"),
     temperature: float = typer.Option(0.0, "--temperature"),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed of these prompts."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Apply the model's chat template."),
-    dtype: str = typer.Option("float32", "--dtype"),
-    tp_size: int = typer.Option(1, "--tp-size"),
-    context_length: int = typer.Option(4096, "--context-length"),
-    device: eo.Device = "auto",
-    controller: eo.Controller = "multi",
-    pathways_proxy_addr: eo.PathwaysProxyAddr = None,
-    device_discovery_timeout: eo.DiscoveryTimeout = 60.0,
 ) -> None:
     """Generate completions for PROMPTS with the engine's Python API."""
     with user_errors():
         from sgljax.engine.engine import Engine
-        from sgljax.engine.sampling import SamplingParams
+        from sgljax.engine.sampling_params import SamplingParams
 
         t0 = time.perf_counter()
-        engine = Engine(model_path=model_path, dtype=dtype, tp_size=tp_size,
-                        context_length=context_length, max_running_requests=16,
-                        device=device, controller=controller,
-                        pathways_proxy_addr=pathways_proxy_addr,
-                        device_discovery_timeout=device_discovery_timeout)
+        engine = Engine(engine_args)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed)
         inputs = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}])

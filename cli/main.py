@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import typer
+import os
 
-from sgljax.cli import bench, convert, generate, serve, up, warmup
+# Serving needs no PyTorch; transformers would say at every start that it is missing.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import typer  # noqa: E402
+
+from sgljax.cli import bench, convert, generate, serve, up, warmup  # noqa: E402
 
 app = typer.Typer(
     name="sgljax",

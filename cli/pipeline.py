@@ -9,6 +9,7 @@ environment: the coordinator is the first host's IP.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sgljax.cli.engine_options import FIELDS, to_flags
 from sgljax.cli.recipes import Recipe, ServingPlan
 from sgljax.engine.checkpoint_format import FORMAT_VERSION, stored_format
 
@@ -113,15 +115,12 @@ def sgljax_cmd(python: str, *args: str) -> tuple[str, ...]:
 
 
 def engine_flags(plan: ServingPlan) -> list[str]:
-    """Serving settings as ``sgljax serve``/``warmup`` flags (lists comma-joined)."""
-    return ["--tp-size", str(plan.tp_size), "--dtype", plan.dtype,
-            "--page-size", str(plan.page_size),
-            "--chunked-prefill-size", str(plan.chunked_prefill_size),
-            "--max-running-requests", str(plan.max_running_requests),
-            "--context-length", str(plan.context_length),
-            "--max-total-tokens", str(plan.max_total_tokens),
-            "--precompile-bs-paddings", ",".join(map(str, plan.precompile_bs_paddings)),
-            "--precompile-token-paddings", ",".join(map(str, plan.precompile_token_paddings))]
+    """The plan's engine settings as ``sgljax serve``/``warmup`` flags (lists comma-joined).
+
+    Every ServingPlan field that EngineArgs declares, spelt as the commands take it.
+    """
+    return to_flags({f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)
+                     if f.name in FIELDS})
 
 
 def dist_flags(host: HostEnv, port: int) -> list[str]:
@@ -211,6 +210,9 @@ def _converted(step: Step) -> bool:
 def run_steps(steps: list[Step], *, wait_timeout_s: float = 4 * 3600, poll_s: float = 10,
               log=lambda msg: print(f"[sgljax] {msg}", file=sys.stderr, flush=True)):
     """Run the steps; the last (serve) replaces this process. Skips done conversions."""
+    # The steps run `python -m sgljax.cli.main` from wherever we are; in a checkout, the
+    # folder on sys.path would let its top-level kernels/ shadow the PyPI `kernels`.
+    os.environ.setdefault("PYTHONSAFEPATH", "1")
     skip = set()
     for s in steps:
         folder = s.path.parent if s.path else None

@@ -20,15 +20,9 @@ from sgljax.cli.pipeline import (DEFAULT_DIST_PORT, DEFAULT_PORT, HostEnv, Pipel
                                  build_steps, describe, run_steps)
 from sgljax.cli.recipes import DEFAULT_MODEL, DoesNotFit, fitting_slices, load_recipe, plan_serving
 from sgljax.cli.slices import catalogue, local_slice, parse_slice
+from sgljax.engine.cache_paths import cache_root
 
 BUCKET = re.compile(r"gs://[a-z0-9][-_.a-z0-9]*(/.*)?")
-
-
-def _cache_root() -> Path:
-    # Same folder as engine/loader.py's cache_root (not imported: it pulls in jax).
-    base = os.environ.get("SGLJAX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sgljax")
-    return Path(base)
 
 
 def _plan(recipe, sl, **overrides):
@@ -49,7 +43,7 @@ def _up_local(model: str, port: int, tp_size: Optional[int], source: Optional[st
     sl = local_slice(devices_per_host=tp_size or 1)
     plan = _plan(recipe, sl, tp_size=tp_size or 1)
     src = source or recipe.local_source or recipe.hf_repo
-    root = _cache_root()
+    root = cache_root()
     storage = Storage("local", src, root / "hf" / recipe.name,
                       root / "checkpoints" / f"{recipe.name}-{plan.dtype}")
     steps = build_steps(recipe, plan, HostEnv(), storage, port=port, bind_host="127.0.0.1",
@@ -208,7 +202,7 @@ def host_run(
             raise ValueError(f"--storage {storage_mode!r}: expected local, bucket or hf")
         if sl.is_local and host.num_nodes > 1 and storage_mode == "local":
             storage_mode = "bucket"  # processes on one machine share its disk: convert once
-        root = _cache_root()
+        root = cache_root()
         dl = Path(download_dir or root / "hf" / recipe.name).expanduser()
         ckpt = None if storage_mode == "hf" else Path(
             checkpoint or root / "checkpoints" / f"{recipe.name}-{plan.dtype}").expanduser()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from typing import Optional
@@ -10,10 +11,9 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sgljax.cli import engine_options as eo
+from sgljax.cli.engine_options import engine_options
 from sgljax.cli.errors import user_errors
-
-D = eo.ENGINE_DEFAULTS
+from sgljax.engine.args import EngineArgs
 
 
 @contextlib.contextmanager
@@ -52,46 +52,38 @@ def bucket_counts(engine) -> tuple[int, int]:
     return stats.compiles - stats.cache_hits, stats.cache_hits
 
 
+@engine_options()
 def warmup(
+    engine_args: EngineArgs,
     model: Optional[str] = typer.Argument(None, help="Model path (same as --model-path)."),
-    model_path: eo.ModelPath = None,
-    dtype: eo.Dtype = D.dtype,
-    kv_cache_dtype: eo.KvCacheDtype = D.kv_cache_dtype,
-    tp_size: eo.TpSize = D.tp_size,
-    page_size: eo.PageSize = D.page_size,
-    max_running_requests: eo.MaxRunning = D.max_running_requests,
-    chunked_prefill_size: eo.ChunkedPrefill = D.chunked_prefill_size,
-    context_length: eo.ContextLength = D.context_length,
-    max_total_tokens: eo.MaxTotalTokens = None,
-    mem_fraction_static: eo.MemFraction = D.mem_fraction_static,
-    precompile_bs_paddings: eo.BsPaddings = None,
-    precompile_token_paddings: eo.TokenPaddings = None,
-    compilation_cache_dir: eo.CacheDir = None,
-    nnodes: eo.NNodes = 1,
-    node_rank: eo.NodeRank = 0,
-    dist_init_addr: eo.DistInitAddr = None,
-    device: eo.Device = "auto",
-    controller: eo.Controller = "multi",
-    pathways_proxy_addr: eo.PathwaysProxyAddr = None,
-    device_discovery_timeout: eo.DiscoveryTimeout = 60.0,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
 ) -> None:
     """Compile every shape bucket the server will use, into the persistent cache."""
     with user_errors():
+        from sgljax.engine import warm_record
+
+        args = engine_args
+        if model and not args.model_path:
+            args = dataclasses.replace(args, model_path=model)
+        if warm_record.is_warm(args):  # before JAX starts or the model loads
+            message = "every planned bucket is already in the compilation cache"
+            typer.echo(json.dumps({"buckets": None, "skipped": True}) if as_json else message)
+            return
         from sgljax.engine.engine import Engine
 
-        model_path = model_path or model
-        args = eo.engine_args(locals())
         engine = Engine(args)
         if engine.is_follower:  # rank 0 drives the warmup steps; this host runs them too
             engine.follow()
             compiled, loaded = bucket_counts(engine)
-            typer.echo(f"rank {node_rank}: {loaded} buckets loaded from the cache, "
+            typer.echo(f"rank {args.node_rank}: {loaded} buckets loaded from the cache, "
                        f"{compiled} compiled")
             return
         if not as_json:
             typer.echo(f"buckets: {engine.plan.describe()}")
         figures = warm_engine(engine, quiet=as_json)
+        cache = engine.runner.executable_cache
+        if cache is not None and cache.jax_hits == 0:  # then our files hold every bucket
+            warm_record.write(args, sorted(cache.files))
         if as_json:
             typer.echo(json.dumps(figures))
         else:

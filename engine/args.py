@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
-DEVICES = ("auto", "cpu", "tpu", "gpu", "proxy")
+DTYPES = ("float32", "bfloat16")  # engine/loader.py's DTYPES
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULE_POLICIES = ("fcfs", "lpm")  # engine/scheduler.py
+DEVICES = ("auto", "cpu", "tpu", "gpu", "proxy")
 CONTROLLERS = ("multi", "pathways")
+POSITIVE_INTS = ("tp_size", "page_size", "max_running_requests", "chunked_prefill_size",
+                 "max_prefill_seqs", "new_seqs_per_prefill", "context_length",
+                 "max_total_tokens", "nnodes")
+
 
 def coarse_floor(n: int) -> int:
     """``n`` rounded down to one of eight steps per power of two (at most 12.5% less).
@@ -22,51 +28,110 @@ def coarse_floor(n: int) -> int:
     return n // step * step
 
 
+def _one_of(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag_name(name)} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _flag(default, help: str, *flags: str, **extra):
+    """A field with its CLI help (cli/engine_options.py turns each field into a flag).
+
+    ``flags`` overrides the flag names (default: ``--field-name``); ``inverted=True``
+    makes a true-by-default bool a switch that sets it false; other ``extra`` goes to
+    the option as is (``envvar``, ``metavar``).
+    """
+    return field(default=default, metadata={"help": help, "flags": flags, **extra})
+
+
+def flag_name(name: str) -> str:
+    """The CLI spelling of an EngineArgs field: ``page_size`` → ``--page-size``."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass
 class EngineArgs:
-    model_path: str | None = None  # None → the embedded SmolLM2-135M-Instruct
-    dtype: str = "float32"
-    # auto: float32 on CPU (where activations stay float32 whatever the weights), the
-    # weights' dtype elsewhere. float16 halves the bytes attention reads (llama.cpp's default).
-    kv_cache_dtype: str = "auto"
-    tp_size: int = 1
-    page_size: int = 16
-    max_running_requests: int = 64
-    chunked_prefill_size: int = 512
-    max_prefill_seqs: int = 8
-    # New prompts one prefill step takes (see scheduler.py); None → 1 on CPU, where a
-    # prefill step is long next to a decode step, else up to max_prefill_seqs.
-    new_seqs_per_prefill: int | None = None
-    context_length: int | None = 4096
-    max_total_tokens: int | None = None  # KV pool size in tokens; None → from mem_fraction_static
-    mem_fraction_static: float = 0.25
-    disable_radix_cache: bool = False
-    disable_overlap_schedule: bool = False  # else the host prepares step N+1 while step N runs
-    schedule_policy: str = "fcfs"
-    random_seed: int | None = None
-    precompile_bs_paddings: list[int] | None = None
-    precompile_token_paddings: list[int] | None = None
-    nnodes: int = 1  # hosts; each runs the same program over the global mesh
-    node_rank: int = 0  # 0 schedules and serves HTTP; others follow
-    dist_init_addr: str | None = None  # HOST:PORT of rank 0's JAX coordinator
-    enable_compilation_cache: bool = True
-    compilation_cache_dir: str | None = None  # None → $JAX_COMPILATION_CACHE_DIR or ~/.cache/sgljax/jax-cache
+    """Every engine setting, its default, its help and its checks: the ``sgljax serve``,
+    ``warmup`` and ``generate`` flags are made from these fields."""
+
+    model_path: str | None = _flag(
+        None, "HF folder, .gguf file, or converted checkpoint (default: SmolLM2-135M-Instruct).",
+        "--model-path", "-m")
+    dtype: str = _flag("float32", "Weights' dtype: float32 or bfloat16.")
+    kv_cache_dtype: str = _flag(
+        "auto", "auto (float32 on CPU, where activations stay float32 whatever the weights; "
+        "else the weights'), float32, bfloat16 or float16 (halves the bytes attention reads; "
+        "llama.cpp's default).")
+    tp_size: int = _flag(1, "Tensor-parallel devices.")
+    page_size: int = _flag(16, "Tokens per KV page.")
+    max_running_requests: int = _flag(64, "Sequences decoded together at most.")
+    chunked_prefill_size: int = _flag(512, "Token budget of one prefill step.",
+                                      "--chunked-prefill-size", "--max-prefill-tokens")
+    max_prefill_seqs: int = _flag(8, "Sequences one prefill step holds at most.")
+    new_seqs_per_prefill: int | None = _flag(
+        None, "New prompts one prefill step takes (default 1 on CPU, where a prefill step is "
+        "long next to a decode step, else up to --max-prefill-seqs). More admit a burst "
+        "sooner; fewer stall decodes less and keep requests out of lockstep.")
+    context_length: int | None = _flag(
+        4096, "Longest sequence in tokens (capped at the model's; unset: the model's).")
+    max_total_tokens: int | None = _flag(
+        None, "KV pool size in tokens (default: from --mem-fraction-static).")
+    mem_fraction_static: float = _flag(
+        0.25, "Share of the machine's memory for the KV pool, when --max-total-tokens is unset.")
+    disable_radix_cache: bool = _flag(False, "Do not reuse cached prompt prefixes.")
+    disable_overlap_schedule: bool = _flag(
+        False, "Prepare each step only after the last one lands (else the host prepares "
+        "step N+1 while step N runs).")
+    schedule_policy: str = _flag("fcfs", "fcfs (first come, first served) or lpm (longest "
+                                 "cached prefix first).")
+    random_seed: int | None = _flag(None, "Seed of the sampling of requests that set none.")
+    precompile_bs_paddings: list[int] | None = _flag(
+        None, "Decode batch buckets, e.g. 1,4,16,64 (default: powers of two up to "
+        "--max-running-requests).")
+    precompile_token_paddings: list[int] | None = _flag(
+        None, "Prefill token buckets, e.g. 64,256,512 (default: powers of two up to "
+        "--chunked-prefill-size).")
+    nnodes: int = _flag(1, "Hosts running one engine together (each runs the same program "
+                        "over the global mesh).")
+    node_rank: int = _flag(0, "This host's rank (0 schedules and serves HTTP; others follow).")
+    dist_init_addr: str | None = _flag(
+        None, "HOST:PORT of rank 0's JAX coordinator (the next port is also used).")
+    enable_compilation_cache: bool = _flag(
+        True, "Compile everything afresh: no persistent compilation cache.",
+        "--disable-compilation-cache", inverted=True)
+    compilation_cache_dir: str | None = _flag(
+        None, "Persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR or "
+        "~/.cache/sgljax/jax-cache).")
     # Backend. device "proxy" == controller "pathways": one controller drives the whole
     # slice through a Pathways IFRT proxy (engine/pathways.py).
-    device: str = "auto"  # auto | cpu | tpu | gpu | proxy
-    controller: str = "multi"  # multi (one process per host) | pathways
-    pathways_proxy_addr: str | None = None  # None → $JAX_BACKEND_TARGET
-    device_discovery_timeout: float = 60.0  # seconds to find the proxy's devices; 0 → no bound
+    device: str = _flag("auto", "auto, cpu, tpu, gpu, or proxy (Pathways: one controller "
+                        "drives the whole slice through an IFRT proxy; same as --controller "
+                        "pathways).")
+    controller: str = _flag("multi", "multi (one process per host) or pathways (same as "
+                            "--device proxy).")
+    pathways_proxy_addr: str | None = _flag(
+        None, "Pathways IFRT proxy, e.g. grpc://localhost:29000 (default: $JAX_BACKEND_TARGET).",
+        envvar="JAX_BACKEND_TARGET")
+    device_discovery_timeout: float = _flag(
+        60.0, "Seconds to wait for the Pathways proxy's devices before exiting (0: no bound).")
 
     def __post_init__(self):
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                             f"not {self.kv_cache_dtype!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
-        if self.controller not in CONTROLLERS:
-            raise ValueError(f"--controller must be one of {', '.join(CONTROLLERS)}, "
-                             f"not {self.controller!r}")
+        _one_of("dtype", self.dtype, DTYPES)
+        _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _one_of("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
+        _one_of("device", self.device, DEVICES)
+        _one_of("controller", self.controller, CONTROLLERS)
+        for name in POSITIVE_INTS:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{flag_name(name)} must be at least 1, not {value}")
+        for name in ("precompile_bs_paddings", "precompile_token_paddings"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                raise ValueError(f"{flag_name(name)} must list integers of at least 1, "
+                                 f"not {values}")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"--mem-fraction-static must be in (0, 1), "
+                             f"not {self.mem_fraction_static}")
         # Pathways on Cloud sets JAX_PLATFORMS=proxy for its users: honour it under "auto".
         if self.device == "auto" and "proxy" in os.environ.get("JAX_PLATFORMS", "").split(","):
             self.device = "proxy"
@@ -82,6 +147,16 @@ class EngineArgs:
                              f"controller for the whole slice: drop --nnodes {self.nnodes}")
         if self.device_discovery_timeout < 0:
             raise ValueError("--device-discovery-timeout must be >= 0 (0 waits without a bound)")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in 0..{self.nnodes - 1} (--nnodes "
+                             f"{self.nnodes}), not {self.node_rank}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65535:
+                raise ValueError(f"--dist-init-addr must be HOST:PORT (a port below 65535: "
+                                 f"the next one is also used), not {self.dist_init_addr!r}")
 
     @property
     def pathways(self) -> bool:

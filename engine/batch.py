@@ -1,17 +1,36 @@
-"""What one device step consumes: a handful of padded arrays.
+"""What one step is: the scheduler's decision, and the padded arrays the device consumes.
 
-The scheduler decides, the model runner packs its decision into a
-``StepBatch`` and a ``SamplingBatch``: small arrays that describe the whole
+The scheduler decides (``ScheduledBatch``), the model runner packs its decision
+into a ``StepBatch`` and a ``SamplingBatch``: small arrays that describe the whole
 step, so they can be cached per shape, sent to other hosts and fed to the
 jitted step function as they are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import jax
-import numpy as np
+
+if TYPE_CHECKING:
+    from sgljax.engine.request import Sequence
+
+
+@dataclass
+class ScheduledBatch:
+    """The scheduler's decision for one step: which sequences, with how many tokens."""
+
+    seqs: list["Sequence"]
+    chunk_lens: list[int]  # tokens computed for each sequence in this step
+    is_prefill: bool
+    # Per row, set when the step is launched: does it sample the sequence's next token
+    # (False for a prompt chunk that does not reach the end of the prompt)?
+    samples: list[bool] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.chunk_lens)
 
 
 @jax.tree_util.register_dataclass
@@ -51,7 +70,3 @@ class LogitAdjust:
     bias: jax.Array  # (S, V) float32 additive: presence/frequency penalty, logit_bias, min_tokens
     seen: jax.Array  # (S, V) bool tokens the repetition penalty applies to
     repetition_penalty: jax.Array  # (S,) float32; 1 → off
-
-
-def as_numpy_tree(tree):
-    return jax.tree.map(np.asarray, tree)

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sgljax.engine.args import EngineArgs
 
 
 def powers_of_two(lo: int, hi: int) -> list[int]:
@@ -85,3 +89,24 @@ class BucketPlan:
         return (f"decode batch {list(self.decode_batch)}, prefill batch "
                 f"{list(self.prefill_batch)} x tokens {list(self.prefill_tokens)}, "
                 f"{self.pages} pages/seq; {len(self.all_shapes())} shapes")
+
+
+def new_seqs_per_prefill(args: "EngineArgs", on_cpu: bool) -> int:
+    """New prompts one prefill step takes: ``--new-seqs-per-prefill``, else 1 on CPU
+    (where a prefill step is long next to a decode step), else ``--max-prefill-seqs``."""
+    return args.new_seqs_per_prefill or (1 if on_cpu else args.max_prefill_seqs)
+
+
+def plan_buckets(args: "EngineArgs", context_length: int, on_cpu: bool) -> BucketPlan:
+    """The buckets an engine with these settings compiles; ``context_length`` is the
+    engine's (``--context-length`` capped at the model's). Pure: ``warmup`` and
+    ``serve`` plan the same shapes from the same settings."""
+    # A prefill step holds its new prompts and at most one part-way through its chunks.
+    new_per_prefill = new_seqs_per_prefill(args, on_cpu)
+    return BucketPlan.plan(
+        max_running=args.max_running_requests,
+        max_prefill_seqs=min(args.max_prefill_seqs, new_per_prefill + 1),
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_pages_per_seq=-(-context_length // args.page_size),
+        page_size=args.page_size, bs_paddings=args.precompile_bs_paddings,
+        token_paddings=args.precompile_token_paddings)

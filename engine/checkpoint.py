@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sgljax.engine.config import ModelConfig
 from sgljax.engine.params import param_name, param_shardings
-from sgljax.engine.weights import KV_HEAD_TENSORS
+from sgljax.engine.weights import KV_HEAD_TENSORS, replicate_kv_heads
 
 from sgljax.engine.checkpoint_format import COMMIT_FILE, FORMAT_VERSION, MANIFEST_FILE  # noqa: F401
 CHECKPOINT_DIR = "checkpoint"
@@ -153,15 +153,8 @@ def _is_kv_tensor(name: str) -> bool:
 def _repeat_kv_heads(x: jax.Array, stored: int, target: int, head_dim: int,
                      sharding: NamedSharding) -> jax.Array:
     """Repeat each KV head target/stored times along axis 1 (after layers), as the loader does."""
-    reps = target // stored
-
-    def repeat(w):
-        layers, rest = w.shape[0], w.shape[2:]
-        w = w.reshape(layers, stored, 1, head_dim, *rest)
-        return jnp.broadcast_to(w, (layers, stored, reps, head_dim, *rest)).reshape(
-            layers, target * head_dim, *rest)
-
-    return jax.jit(repeat, out_shardings=sharding)(x)
+    return jax.jit(lambda w: replicate_kv_heads(w, stored, target, head_dim, axis=1, xp=jnp),
+                   out_shardings=sharding)(x)
 
 
 def restore_into(path: str | Path, cfg: ModelConfig, flat_state: dict, mesh,

@@ -8,13 +8,14 @@ is a bug in the bucket plan: it is counted and logged with what it was for.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 from jax import monitoring
+
+from sgljax.engine.cache_paths import compilation_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +24,9 @@ _CACHE_MISS = "/jax/compilation_cache/cache_misses"
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 
-def default_cache_dir() -> Path:
-    from sgljax.engine.loader import cache_root
-
-    return Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or cache_root() / "jax-cache")
-
-
 def enable_persistent_cache(cache_dir: str | Path | None = None) -> Path:
     """Cache every executable (no size or compile-time threshold) under ``cache_dir``."""
-    path = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = compilation_cache_dir(cache_dir)
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -44,8 +39,6 @@ class CompileStats:
     compiles: int = 0  # executables built or loaded from the persistent cache
     cache_misses: int = 0  # of those, really compiled by XLA
     cache_hits: int = 0
-    after_warmup: int = 0  # compilations once serving started: should stay 0
-    warm: bool = False
 
 
 STATS = CompileStats()
@@ -66,9 +59,6 @@ def _on_duration(name: str, secs: float, **_) -> None:
         return
     with _lock:
         STATS.compiles += 1
-        if STATS.warm:
-            STATS.after_warmup += 1
-            log.warning("an executable was compiled after warmup (%.2f s)", secs)
 
 
 def watch_compilations() -> CompileStats:

@@ -33,6 +33,7 @@ from flax import nnx
 
 from sgljax.engine import checkpoint
 from sgljax.engine.config import ModelConfig
+from sgljax.engine.gguf_tokenizer import save_gguf_tokenizer
 from sgljax.engine.mesh import make_mesh
 from sgljax.engine.params import abstract_model, divisible_sharding, kv_heads_for, param_shardings
 from sgljax.engine.weights import (WeightsError, engine_tensors, expected_shapes, gguf_getter,
@@ -65,20 +66,23 @@ class Source:
     get: Callable[[str], np.ndarray]
     files: list[Path] = field(default_factory=list)
 
-    def write_serving_files(self, out: Path) -> None:
+    def write_serving_files(self, out: Path, generation_defaults: dict | None = None) -> None:
+        """Tokenizer, config and generation_config.json beside the weights.
+
+        ``generation_defaults`` (sampling fields) go into generation_config.json when
+        the source has none of its own (a GGUF, whose metadata carries none).
+        """
         if self.kind == "hf":
             for name in SERVING_FILES:
                 if (self.path / name).is_file():
                     shutil.copy2(self.path / name, out / name)
         else:
-            from transformers import AutoTokenizer
-
             (out / "config.json").write_text(json.dumps(self.config, indent=2))
-            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-            tok.save_pretrained(str(out))
+            save_gguf_tokenizer(self.path, out)  # built from the GGUF's metadata, no torch
         if not (out / "generation_config.json").is_file():
             gen = {k: self.config[k] for k in ("bos_token_id", "eos_token_id")
                    if self.config.get(k) is not None}
+            gen.update(generation_defaults or {})
             (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
@@ -244,11 +248,14 @@ def _conversion_devices() -> list:
 
 def convert_model(source: str | Path, output: str | Path, *, dtype: str = "float32",
                   tp_size: int = 1, force: bool = False, progress: Progress | None = None,
-                  label: str | None = None, _locked: bool = False) -> dict:
+                  label: str | None = None, generation_defaults: dict | None = None,
+                  _locked: bool = False) -> dict:
     """Convert SOURCE into the folder OUTPUT; returns the manifest.
 
-    ``force`` replaces an existing converted OUTPUT. ``_locked``: the caller holds
-    OUTPUT's lock already (``ensure_converted``).
+    ``force`` replaces an existing converted OUTPUT. ``generation_defaults``: sampling
+    defaults for a source without a generation_config.json of its own (engine/
+    generation_defaults.py). ``_locked``: the caller holds OUTPUT's lock already
+    (``ensure_converted``).
     """
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -270,7 +277,8 @@ def convert_model(source: str | Path, output: str | Path, *, dtype: str = "float
         shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
         partial.mkdir()
         try:
-            manifest = _write(src, cfg, partial, jdtype, np_dtype, tp_size, total, progress)
+            manifest = _write(src, cfg, partial, jdtype, np_dtype, tp_size, total, progress,
+                              generation_defaults)
             _commit(partial, output)
         except BaseException as e:
             shutil.rmtree(partial, ignore_errors=True)
@@ -282,13 +290,13 @@ def convert_model(source: str | Path, output: str | Path, *, dtype: str = "float
 
 
 def _write(src: Source, cfg: ModelConfig, out: Path, jdtype, np_dtype, tp_size: int,
-           total: int, progress: Progress | None) -> dict:
+           total: int, progress: Progress | None, generation_defaults: dict | None) -> dict:
     t0 = time.perf_counter()
     root = src.path if src.kind == "hf" else src.path.parent
     records = file_records(src.files, root, progress)
     if progress:
         progress("tokenizer", 0, 1)
-    src.write_serving_files(out)
+    src.write_serving_files(out, generation_defaults)
     if progress:
         progress("tokenizer", 1, 1)
     # Store the model's own KV heads (the TP=1 layout); restore repeats them for wider TP.
@@ -335,7 +343,8 @@ def _write(src: Source, cfg: ModelConfig, out: Path, jdtype, np_dtype, tp_size: 
     return manifest
 
 
-def ensure_converted(source: Path, output: Path, label: str | None = None) -> Path:
+def ensure_converted(source: Path, output: Path, label: str | None = None,
+                     generation_defaults: dict | None = None) -> Path:
     """OUTPUT, converting SOURCE into it first unless a conversion of the same files is there.
 
     Several processes may ask at once (a server and a CLI): one converts, the
@@ -346,7 +355,8 @@ def ensure_converted(source: Path, output: Path, label: str | None = None) -> Pa
     output.parent.mkdir(parents=True, exist_ok=True)
     with _output_lock(output, wait=True):
         if not _is_current(output, source):
-            convert_model(source, output, force=True, label=label, _locked=True)
+            convert_model(source, output, force=True, label=label,
+                          generation_defaults=generation_defaults, _locked=True)
     return output
 
 

@@ -21,7 +21,7 @@ from functools import partial
 
 import jax.numpy as jnp
 
-from sgljax.engine.model import PROJECTIONS, LinearKernel
+from sgljax.engine.weight_forms import PROJECTIONS, LinearKernel
 from sgljax.kernels import cpu_amx_attention, cpu_amx_linear, cpu_linear, cpu_paged_attention
 from sgljax.kernels.paged_attention import paged_attention
 

@@ -27,10 +27,6 @@ LOST_AFTER_S = 10.0
 _LEN = struct.Struct("!I")
 
 
-class LostRank(RuntimeError):
-    pass
-
-
 def init_distributed(dist_init_addr: str, nnodes: int, node_rank: int,
                      timeout_s: int = 120) -> None:
     """``jax.distributed.initialize`` with bounded waiting for the other hosts."""

@@ -1,7 +1,10 @@
 """The engine: tokenize → schedule → run → detokenize, one step at a time.
 
 ``Engine.generate`` is the whole data path in one loop; the HTTP server
-drives the same ``add_request`` / ``step`` calls from its own thread.
+drives the same ``add_request`` / ``step`` calls from its own thread, and asks
+``stats`` / ``describe`` for everything else it reports. The scheduler owns the
+sequences' state; the engine carries tokens between it, the model runner and
+the detokenizers.
 """
 
 from __future__ import annotations
@@ -9,57 +12,39 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax.numpy as jnp
 
 from sgljax.engine.args import EngineArgs
-from sgljax.engine.buckets import BucketPlan
+from sgljax.engine.buckets import new_seqs_per_prefill, plan_buckets
 from sgljax.engine.compile_cache import enable_persistent_cache, watch_compilations
 from sgljax.engine.kv_cache import KVCacheSpec, PagePool
 from sgljax.engine.loader import load_model
+from sgljax.engine.model_files import resolve_model_path
 from sgljax.engine.mesh import make_mesh
 from sgljax.engine.executable_cache import ExecutableCache
+from sgljax.engine.generation_defaults import read_generation_defaults
 from sgljax.engine.distributed import Follower, Leader, channel_address, init_distributed
+from sgljax.engine.batch import ScheduledBatch
 from sgljax.engine.model_runner import Launched, ModelRunner, needs_logit_adjust, unflatten_step
+from sgljax.engine.outputs import Completion, EngineStats, RequestOutput
 from sgljax.engine.pathways import init_backend
 from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
 from sgljax.engine.request import Sequence
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import RequestLimits, SamplingParams
 from sgljax.engine.step_clock import StepClock
-from sgljax.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from sgljax.engine.scheduler import Scheduler, SchedulerConfig
 from sgljax.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve (too long, bad parameters)."""
 
 
 @dataclass
 class InFlight:
     """A launched step whose tokens the host has not seen yet."""
     sched: ScheduledBatch
-    samples: list[bool]  # per row: does this step sample the sequence's next token?
     launched: Launched
-
-
-@dataclass
-class RequestOutput:
-    rid: str
-    delta_text: str
-    delta_token_ids: list[int]
-    finished: bool
-    seq: Sequence
-    text: str = ""
-    finish_reason: str | None = None
-    delta_logprobs: list[float] = field(default_factory=list)
-    delta_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.seq.output_ids
 
 
 class Engine:
@@ -78,12 +63,15 @@ class Engine:
                 raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT")
             init_distributed(args.dist_init_addr, args.nnodes, args.node_rank)
         self.mesh = make_mesh(args.tp_size)
-        loaded = load_model(args.model_path, self.mesh, args.dtype)
+        loaded = load_model(resolve_model_path(args.model_path), self.mesh, args.dtype)
         self.model_config = cfg = loaded.config
         self.model_path = loaded.path
         self.tokenizer = Tokenizer(loaded.path)
+        # What the HTTP routes sample with when a request leaves a field out.
+        self.generation_defaults = read_generation_defaults(loaded.path)
         self.context_length = min(args.context_length or cfg.max_position_embeddings,
                                   cfg.max_position_embeddings)
+        self.limits = RequestLimits(self.context_length, cfg.vocab_size)
         self.eos_ids = frozenset(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         ps = args.page_size
@@ -100,14 +88,8 @@ class Engine:
         self.pool = PagePool(kv_spec.num_pages)
         self.prefix_cache = (NoPrefixCache() if args.disable_radix_cache
                              else RadixPrefixCache(self.pool, ps))
-        # A prefill step holds its new prompts and at most one part-way through its chunks.
-        new_per_prefill = args.new_seqs_per_prefill or (1 if on_cpu else args.max_prefill_seqs)
-        self.plan = BucketPlan.plan(
-            max_running=args.max_running_requests,
-            max_prefill_seqs=min(args.max_prefill_seqs, new_per_prefill + 1),
-            chunked_prefill_size=args.chunked_prefill_size, max_pages_per_seq=max_pages_per_seq,
-            page_size=ps, bs_paddings=args.precompile_bs_paddings,
-            token_paddings=args.precompile_token_paddings)
+        new_per_prefill = new_seqs_per_prefill(args, on_cpu)
+        self.plan = plan_buckets(args, self.context_length, on_cpu)
         self.scheduler = Scheduler(SchedulerConfig(
             page_size=ps, max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
@@ -159,17 +141,11 @@ class Engine:
     # -- requests ------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     rid: str | None = None) -> Sequence:
+        """Tokenize (text prompts), validate and queue a request; RequestError if it
+        cannot be served as asked (the same checks as the HTTP routes')."""
         params = SamplingParams(**vars(params)) if params else SamplingParams()
-        params.validate(self.model_config.vocab_size)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise RequestError("the prompt is empty")
-        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
-            raise RequestError("the prompt has token ids outside the vocabulary")
-        if len(ids) >= self.context_length:
-            raise RequestError(f"the prompt has {len(ids)} tokens; the context length is "
-                               f"{self.context_length}")
-        params.max_tokens = min(params.max_tokens, self.context_length - len(ids))
+        params.validate(self.limits, ids)
         if params.seed is None:
             params.seed = self._rng.getrandbits(32)
         stop_ids = frozenset(params.stop_token_ids) | (
@@ -185,6 +161,20 @@ class Engine:
     def abort(self, rid: str) -> None:
         if self.scheduler.abort(rid) is not None:
             self._detok.pop(rid, None)
+
+    def abort_all(self) -> list[str]:
+        """Abort every request (running or waiting), freeing its pages; returns their ids."""
+        rids = self.scheduler.abort_all()
+        for rid in rids:
+            self._detok.pop(rid, None)
+        return rids
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache; False (and nothing done) while requests are in flight."""
+        if self.has_work():
+            return False
+        self.prefix_cache.flush()
+        return True
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None
@@ -227,56 +217,31 @@ class Engine:
 
     def _launch(self, sched: ScheduledBatch) -> InFlight:
         launched = self.runner.launch(sched)
-        samples = []
-        for seq, n in zip(sched.seqs, sched.chunk_lens):
-            seq.num_computed += n  # the K/V are being written: later steps may read them
-            sampled = seq.num_computed == seq.num_tokens
-            if sampled:
-                seq.num_pending += 1
-            else:  # a prompt chunk: nothing sampled yet
-                self.prefix_cache.insert(seq.all_ids[:seq.num_computed], seq.pages)
-            samples.append(sampled)
-        return InFlight(sched, samples, launched)
+        self.scheduler.launched(sched)
+        return InFlight(sched, launched)
 
     def _land(self, in_flight: InFlight) -> list[RequestOutput]:
         out = self.runner.fetch(in_flight.launched)
         self.clock.landed()
         results = []
-        now = time.monotonic()
-        for i, (seq, sampled) in enumerate(zip(in_flight.sched.seqs, in_flight.samples)):
-            if not sampled:
-                continue
-            seq.num_pending -= 1
-            if not seq.finished:  # else aborted, or ended by the step before: drop the token
-                results.append(self._append_token(seq, out, i, now))
+        for i, seq in self.scheduler.landed(in_flight.sched):
+            tok = int(out.tokens[i])
+            detok = self._detok[seq.rid]
+            text = detok.add(tok)  # detokenize; the detokenizer also finds stop strings
+            logprob, top = None, []
+            if seq.params.logprobs:
+                logprob, k = float(out.logprobs[i]), seq.params.top_logprobs
+                top = [(int(a), float(b)) for a, b in zip(out.top_ids[i, :k],
+                                                          out.top_logprobs[i, :k])]
+            self.scheduler.append_token(seq, tok, logprob, top, detok.stopped_by)
+            if seq.finished:
+                text += detok.flush()
+                del self._detok[seq.rid]
+            results.append(RequestOutput(
+                seq.rid, text, [tok], seq.finished, seq.finish_reason, seq.matched_stop,
+                [logprob] if logprob is not None else [], [top] if logprob is not None else [],
+                len(seq.prompt_ids), len(seq.output_ids), seq.num_cached_prompt))
         return results
-
-    def _append_token(self, seq: Sequence, out, i: int, now: float) -> RequestOutput:
-        tok = int(out.tokens[i])
-        seq.output_ids.append(tok)
-        seq.first_token_time = seq.first_token_time or now
-        top = []
-        if seq.params.logprobs:
-            seq.output_logprobs.append(float(out.logprobs[i]))
-            k = seq.params.top_logprobs
-            top = [(int(a), float(b)) for a, b in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
-            seq.output_top_logprobs.append(top)
-        detok = self._detok[seq.rid]
-        delta = detok.add(tok)
-        if tok in seq.stop_ids:  # min_tokens already kept them from being sampled
-            self.scheduler.finish(seq, "stop", tok)
-        elif detok.stopped_by is not None:
-            self.scheduler.finish(seq, "stop", detok.stopped_by)
-        elif (len(seq.output_ids) >= seq.params.max_tokens
-              or len(seq.prompt_ids) + len(seq.output_ids) >= self.context_length):
-            self.scheduler.finish(seq, "length")
-        if seq.finished:
-            delta += detok.flush()
-            self._detok.pop(seq.rid, None)
-        return RequestOutput(seq.rid, delta, [tok], seq.finished, seq, detok.text,
-                             seq.finish_reason,
-                             seq.output_logprobs[-1:] if seq.params.logprobs else [],
-                             [top] if seq.params.logprobs else [])
 
     # -- the offline API -----------------------------------------------------------
     def generate(self, prompts: list[str | list[int]] | str,
@@ -287,15 +252,14 @@ class Engine:
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        texts = {s.rid: "" for s in seqs}
+        done = {s.rid: Completion() for s in seqs}
         while any(not s.finished for s in seqs) or self._in_flight is not None:
             for o in self.step():
-                if o.rid in texts:
-                    texts[o.rid] += o.delta_text
-        return [{"text": texts[s.rid], "token_ids": list(s.output_ids),
-                 "finish_reason": s.finish_reason, "logprobs": list(s.output_logprobs),
-                 "top_logprobs": list(s.output_top_logprobs)}
-                for s in seqs]
+                if o.rid in done:
+                    done[o.rid].add(o)
+        return [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                 "logprobs": c.logprobs, "top_logprobs": c.top_logprobs}
+                for c in (done[s.rid] for s in seqs)]
 
     def warmup(self, progress=None) -> int:
         """Compile (or load from the persistent cache) every bucket shape; returns how many.
@@ -308,7 +272,6 @@ class Engine:
             if progress:
                 progress(n + 1, len(shapes), (S, Q, P))
         self.runner.warmed_up = True
-        self.compile_stats.warm = True
         if self._leader is not None:
             self._leader.send("warm")
         self._compiles_at_warmup = self.compile_stats.compiles
@@ -320,3 +283,24 @@ class Engine:
             return 0
         return (self.compile_stats.compiles - self._compiles_at_warmup
                 + self.runner.loaded_after_warmup)
+
+    # -- what the server reports ---------------------------------------------------
+    def stats(self) -> EngineStats:
+        """The engine's state now (call from the thread that steps it)."""
+        running = self.scheduler.running
+        return EngineStats(
+            num_running=len(running), num_waiting=len(self.scheduler.waiting),
+            kv_pages_used=self.pool.num_used, kv_pages_total=self.pool.capacity,
+            kv_pages_held_by_requests=len({p for s in running for p in s.pages}),
+            prefix_cache_pages=self.prefix_cache.num_pages,
+            cache_hit_rate=self.prefix_cache.hit_rate(),
+            compiles_after_warmup=self.compiles_since_warmup(), healthy=self.healthy)
+
+    def describe(self) -> dict:
+        """What does not change while serving: the model, its limits and defaults, buckets."""
+        cfg = self.model_config
+        return {"model_path": str(self.model_path), "architecture": cfg.architecture,
+                "context_length": self.context_length, "vocab_size": cfg.vocab_size,
+                "num_layers": cfg.num_layers, "dtype": self.args.dtype,
+                "default_sampling_params": dict(self.generation_defaults),
+                "buckets": self.plan.describe()}

@@ -48,6 +48,7 @@ class ExecutableCache:
         self.hits = 0  # loaded from this rank's files
         self.jax_hits = 0  # not in our files, but JAX's persistent cache had it (rank 0 only)
         self.compiled = 0  # really compiled by XLA here (and then stored)
+        self.files: set[Path] = set()  # this rank's files that served a bucket (loaded or stored)
         self._lock = threading.Lock()  # counters only: a bucket is built by one thread
         self._store_failed = False
 
@@ -66,6 +67,7 @@ class ExecutableCache:
         if exe is not None:
             with self._lock:
                 self.hits += 1
+                self.files.add(path)
             return exe
         before = _jax_hit_count()
         exe = lowered.compile()
@@ -113,6 +115,8 @@ class ExecutableCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(_MAGIC + hashlib.sha256(payload).digest() + payload)
             os.replace(tmp, path)  # readers see the whole file or none
+            with self._lock:
+                self.files.add(path)
         except Exception as e:  # noqa: BLE001 - a cache that cannot write only costs time
             (log.debug if self._store_failed else log.warning)(
                 "cannot store executable %s (%s: %s)", path, type(e).__name__, e)

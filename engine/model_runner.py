@@ -25,16 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sgljax.engine.batch import LogitAdjust, SamplingBatch, StepBatch
+from sgljax.engine.batch import LogitAdjust, SamplingBatch, ScheduledBatch, StepBatch
 from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.executable_cache import ExecutableCache
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.mesh import global_array
 from sgljax.engine import cpu_kernels
-from sgljax.engine.model import Decoder, forward, fuse_projections, unstack_layers
+from sgljax.engine.model import Decoder, forward
+from sgljax.engine.weight_forms import fuse_projections, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
-from sgljax.engine.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,9 @@ class ModelRunner:
         self._zero_adjust: dict[int, LogitAdjust] = {}
         self._executables: dict[tuple, object] = {}
         self.warmed_up = False
-        self.compiles_after_warmup = 0
         # -- executable cache: this rank's compiled buckets on disk (None: compile every time)
         self.executable_cache = executable_cache
-        self.loaded_after_warmup = 0
+        self.loaded_after_warmup = 0  # new shapes loaded from the cache: no XLA compile counts them
 
     # -- packing -------------------------------------------------------------
     def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust | None]:
@@ -197,9 +196,6 @@ class ModelRunner:
         return LogitAdjust(np.asarray(True), bias, seen, rep)
 
     # -- running -------------------------------------------------------------
-    def run(self, sched: ScheduledBatch) -> StepOutput:
-        return self.fetch(self.launch(sched))
-
     def launch(self, sched: ScheduledBatch) -> Launched:
         """Pack and dispatch a scheduled batch; returns at once, the step runs on."""
         batch, sbatch, adjust = self.pack(sched)
@@ -240,8 +236,7 @@ class ModelRunner:
         key = (batch.tokens.shape, batch.page_table.shape)
         exe = self._executables.get(key)
         if exe is None:
-            if self.warmed_up:
-                self.compiles_after_warmup += 1
+            if self.warmed_up:  # a bucket the plan missed (counted by Engine.compiles_since_warmup)
                 log.warning("compiling a new step shape after warmup: %s", key)
             with jax.set_mesh(self.mesh):
                 lowered = self._step.lower(self.state, self.k_cache, self.v_cache,

@@ -24,6 +24,7 @@ class PrefixCache(Protocol):
     def insert(self, token_ids: list[int], pages: list[int]) -> None: ...
     def evict(self, num_pages: int) -> int: ...
     def flush(self) -> None: ...
+    def hit_rate(self) -> float: ...
 
 
 class NoPrefixCache:
@@ -45,6 +46,9 @@ class NoPrefixCache:
 
     def flush(self):
         pass
+
+    def hit_rate(self):
+        return 0.0
 
 
 class _Node:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import enum
 import itertools
-import time
 from dataclasses import dataclass, field
 
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
 
@@ -34,8 +33,6 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     matched_stop: int | str | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
     num_preemptions: int = 0
 
     @property

@@ -1,72 +1,12 @@
-"""Sampling parameters (what a user asks for) and the on-device sampler."""
+"""The on-device sampler (what a request asks for is engine/sampling_params.py)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 
 from sgljax.engine.batch import LogitAdjust, SamplingBatch
-
-MAX_TOP_LOGPROBS = 20
-
-
-class SamplingParamsError(ValueError):
-    """A sampling parameter is out of range."""
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    skip_special_tokens: bool = True
-
-    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
-        if self.max_tokens < 1:
-            raise SamplingParamsError("max_tokens must be at least 1")
-        if self.temperature < 0:
-            raise SamplingParamsError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise SamplingParamsError("top_p must be in (0, 1]")
-        if self.top_k < -1:
-            raise SamplingParamsError("top_k must be -1, 0 or positive")
-        if not 0 <= self.min_p <= 1:
-            raise SamplingParamsError("min_p must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise SamplingParamsError("repetition_penalty must be > 0")
-        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
-            raise SamplingParamsError("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise SamplingParamsError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise SamplingParamsError("min_tokens must be in [0, max_tokens]")
-        if vocab_size is not None:
-            for tok in list(self.logit_bias) + list(self.stop_token_ids):
-                if not 0 <= int(tok) < vocab_size:
-                    raise SamplingParamsError(f"token id {tok} is outside the vocabulary")
-        for v in self.logit_bias.values():
-            if not -100 <= v <= 100:
-                raise SamplingParamsError("logit_bias values must be in [-100, 100]")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from sgljax.engine.sampling_params import MAX_TOP_LOGPROBS
 
 
 def _row_key(seed: jax.Array, step: jax.Array) -> jax.Array:

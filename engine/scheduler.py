@@ -18,6 +18,10 @@ With the overlap schedule (engine.py) the next batch is chosen while the
 previous one is still on the device: a sequence's newest token may be
 pending (counted in ``num_tokens``, not yet known), and a sequence that the
 step in flight brings to ``max_tokens`` is not scheduled again.
+
+The scheduler owns every sequence's state: besides choosing steps, it applies
+what a step did (``launched``: tokens computed; ``landed`` and ``append_token``:
+tokens sampled, and whether that ends the sequence) and frees what a sequence held.
 """
 
 from __future__ import annotations
@@ -25,21 +29,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from sgljax.engine.batch import ScheduledBatch
 from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.kv_cache import PagePool
 from sgljax.engine.prefix_cache import PrefixCache
 from sgljax.engine.request import Sequence, Status
-
-
-@dataclass
-class ScheduledBatch:
-    seqs: list[Sequence]
-    chunk_lens: list[int]  # tokens computed for each sequence in this step
-    is_prefill: bool
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.chunk_lens)
 
 
 @dataclass
@@ -70,6 +64,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort_all(self) -> list[str]:
+        """Abort every sequence; returns their ids."""
+        rids = [s.rid for s in list(self.running) + list(self.waiting)]
+        for rid in rids:
+            self.abort(rid)
+        return rids
+
     def abort(self, rid: str) -> Sequence | None:
         for seq in list(self.waiting):
             if seq.rid == rid:
@@ -96,6 +97,49 @@ class Scheduler:
             self.cache.insert(seq.all_ids[: seq.num_computed], seq.pages)
         self.pool.release(seq.pages)
         seq.pages = []
+
+    # -- applying what a step did ------------------------------------------
+    def launched(self, batch: ScheduledBatch) -> None:
+        """The step is on the device: its K/V are being written, so later steps may read
+        them; a row that completes its sequence's tokens samples the next one."""
+        batch.samples = []
+        for seq, n in zip(batch.seqs, batch.chunk_lens):
+            seq.num_computed += n
+            sampled = seq.num_computed == seq.num_tokens
+            if sampled:
+                seq.num_pending += 1
+            else:  # a prompt chunk: its pages can serve other prompts already
+                self.cache.insert(seq.all_ids[:seq.num_computed], seq.pages)
+            batch.samples.append(sampled)
+
+    def landed(self, batch: ScheduledBatch) -> list[tuple[int, Sequence]]:
+        """The step's tokens reached the host: (row, sequence) for each token to append.
+
+        A sequence that ended while the step ran (aborted, or stopped by the step
+        before) drops its token."""
+        rows = []
+        for i, (seq, sampled) in enumerate(zip(batch.seqs, batch.samples)):
+            if sampled:
+                seq.num_pending -= 1
+                if not seq.finished:
+                    rows.append((i, seq))
+        return rows
+
+    def append_token(self, seq: Sequence, token: int, logprob: float | None = None,
+                     top: list[tuple[int, float]] | None = None,
+                     stop_string: str | None = None) -> None:
+        """Add a sampled token; finish the sequence on a stop token, a stop string (found
+        by the detokenizer) or max_tokens (validation keeps that within the context)."""
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+            seq.output_top_logprobs.append(top or [])
+        if token in seq.stop_ids:  # min_tokens already kept them from being sampled
+            self.finish(seq, "stop", token)
+        elif stop_string is not None:
+            self.finish(seq, "stop", stop_string)
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            self.finish(seq, "length")
 
     # -- pages -------------------------------------------------------------
     def _pages_needed(self, seq: Sequence, new_tokens: int) -> int:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
 
+class ChatTemplateError(ValueError):
+    """The chat template cannot render these messages (or the model has none)."""
+
+
 class Tokenizer:
+    """The model's tokenizer; one instance serves the engine and the HTTP routes (HF fast
+    tokenizers encode and decode safely from several threads)."""
+
     def __init__(self, path: str | Path):
         self.hf = AutoTokenizer.from_pretrained(str(path))
         self.eos_token_id = self.hf.eos_token_id
+        self.vocab_size = len(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
@@ -18,9 +27,17 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           **kwargs)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> list[int]:
+        """Prompt ids for a conversation; ``kwargs`` reach the template (enable_thinking...)."""
+        try:
+            text = self.hf.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt,
+                                               **kwargs)
+        except TemplateError as e:
+            raise ChatTemplateError(f"the chat template rejected the messages: {e}") from None
+        except ValueError as e:  # e.g. the tokenizer has no chat template
+            raise ChatTemplateError(f"cannot apply the chat template: {e}") from None
         # The template already wrote the special tokens (BOS, role markers) as text.
         return self.encode(text, add_special_tokens=False)
 

@@ -69,16 +69,19 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def replicate_kv_heads(w: np.ndarray, kv_heads: int, target: int, head_dim: int) -> np.ndarray:
+def replicate_kv_heads(w, kv_heads: int, target: int, head_dim: int, axis: int = 0, xp=np):
     """Repeat each KV head so ``target`` heads exist (TP wider than the KV heads).
 
-    ``w`` is one layer's k/v weight (heads * head_dim, in) or bias: heads lead."""
+    ``w``'s dimension ``axis`` holds the heads (heads * head_dim rows): axis 0 of one
+    layer's k/v weight or bias, axis 1 of a stacked (L, ...) one. ``xp`` is numpy, or
+    jax.numpy inside a jitted restore (engine/checkpoint.py)."""
     if target == kv_heads:
         return w
     reps = target // kv_heads
-    rest = w.shape[1:]
-    w = w.reshape(kv_heads, 1, head_dim, *rest)
-    return np.broadcast_to(w, (kv_heads, reps, head_dim, *rest)).reshape(target * head_dim, *rest)
+    lead, rest = w.shape[:axis], w.shape[axis + 1:]
+    w = w.reshape(*lead, kv_heads, 1, head_dim, *rest)
+    return xp.broadcast_to(w, (*lead, kv_heads, reps, head_dim, *rest)).reshape(
+        *lead, target * head_dim, *rest)
 
 
 def engine_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], kv_heads: int,

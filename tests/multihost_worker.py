@@ -8,7 +8,7 @@ import json
 import sys
 
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 
 model, rank, port, prompts_json, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 cache_dir = sys.argv[6] if len(sys.argv) > 6 else None
@@ -25,7 +25,7 @@ def print_cache_figures():
     cache = engine.runner.executable_cache
     print("CACHE " + json.dumps(dict(rank=rank, hits=cache.hits, jax_hits=cache.jax_hits,
                                      compiled=cache.compiled,
-                                     after_warmup=engine.runner.compiles_after_warmup)), flush=True)
+                                     after_warmup=engine.compiles_since_warmup())), flush=True)
 
 
 if engine.is_follower:

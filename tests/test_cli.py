@@ -27,7 +27,8 @@ def test_prompt_longer_than_context(tiny_models):
     out = _sgljax("generate", "--model-path", str(tiny_models["qwen3"]), "--raw",
                   "--context-length", "8", "one two three four five six seven eight nine ten")
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith("error: the prompt has")
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "error: This model's maximum context length is 8 tokens; the prompt has")
 
 
 def test_folder_without_weights(tmp_path, tiny_models):

@@ -4,12 +4,12 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
-import pytest
 
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 from tiny_models import build_tiny_model
 
 SMALL = dict(page_size=4, chunked_prefill_size=32, max_running_requests=4, max_prefill_seqs=4,
@@ -32,13 +32,13 @@ def test_no_compiles_after_warmup(tiny_models, tmp_path):
         prompts.append(prompts[0])  # the same prompt twice, as n>1 does
         eng.generate(prompts, [variants[i % 3] for i in range(len(prompts))])
     assert eng.compiles_since_warmup() == 0
-    assert eng.runner.compiles_after_warmup == 0
 
 
-def _warmup_cli(model, cache):
+def _warmup_cli(model, cache, *extra):
     cmd = [sys.executable, "-m", "sgljax.cli.main", "warmup", str(model), "--json",
            "--compilation-cache-dir", str(cache), "--page-size", "4", "--chunked-prefill-size", "32",
-           "--max-running-requests", "2", "--context-length", "32", "--max-total-tokens", "256"]
+           "--max-running-requests", "2", "--context-length", "32", "--max-total-tokens", "256",
+           *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -46,10 +46,23 @@ def _warmup_cli(model, cache):
 
 def test_second_warmup_hits_the_cache(tiny_models, tmp_path):
     first = _warmup_cli(tiny_models["llama"], tmp_path)
-    second = _warmup_cli(tiny_models["llama"], tmp_path)
     assert first["compiled"] >= first["buckets"] > 0
+    # Same settings, model and code: the warm record says every bucket is cached, and the
+    # warmup returns without loading the model.
+    assert _warmup_cli(tiny_models["llama"], tmp_path) == {"buckets": None, "skipped": True}
+    # With a bucket's file gone the record no longer holds: the warmup loads the model, and
+    # every bucket comes from a cache (the missing one from JAX's persistent cache).
+    records = list((tmp_path / "sgljax-warm").glob("*.json"))
+    assert len(records) == 1
+    listed = json.loads(records[0].read_text())["executables"]
+    assert len(listed) == first["buckets"]
+    Path(listed[0]).unlink()
+    second = _warmup_cli(tiny_models["llama"], tmp_path)
     assert second["compiled"] == 0
     assert second["from_cache"] >= second["buckets"]
+    # Other settings plan other buckets: no record applies.
+    other = _warmup_cli(tiny_models["llama"], tmp_path, "--max-running-requests", "3")
+    assert not other.get("skipped") and other["buckets"] > 0
 
 
 def test_compile_time_does_not_grow_with_depth(tmp_path):

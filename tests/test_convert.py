@@ -21,9 +21,11 @@ from sgljax.cli.main import app
 from sgljax.engine import checkpoint
 from sgljax.engine.convert import convert_model
 from sgljax.engine.engine import Engine
-from sgljax.engine.loader import default_gguf, load_model, resolve_model_path
+from sgljax.engine.default_model import default_gguf
+from sgljax.engine.loader import load_model
+from sgljax.engine.model_files import resolve_model_path
 from sgljax.engine.mesh import make_mesh
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 from big_model import build_big_model
 
 ARCHS = ["qwen3", "llama"]

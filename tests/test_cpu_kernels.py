@@ -151,7 +151,7 @@ def test_bad_page_id_is_an_error_not_a_wild_read():
                                             ("float32", "float16"), ("bfloat16", "float16")])
 def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype, kv_dtype):
     from sgljax.engine.engine import Engine
-    from sgljax.engine.sampling import SamplingParams
+    from sgljax.engine.sampling_params import SamplingParams
 
     prompts = [[5, 9, 13, 200 + i] * (3 + 4 * i) for i in range(5)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True,

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from sgljax.engine.engine import Engine, RequestError
+from sgljax.engine.engine import Engine
+from sgljax.engine.sampling_params import RequestError
 from sgljax.engine.loader import ModelNotFound
 from sgljax.engine.config import ModelConfigError
-from sgljax.engine.sampling import SamplingParams, SamplingParamsError
+from sgljax.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
 
@@ -115,7 +116,7 @@ def test_bad_input_api(qwen3, tmp_path):
         eng.add_request(list(range(1, 300)), GREEDY)  # longer than the 256-token context
     with pytest.raises(RequestError):
         eng.add_request([], GREEDY)
-    with pytest.raises(SamplingParamsError):
+    with pytest.raises(RequestError):
         eng.add_request([1, 2, 3], SamplingParams(max_tokens=0))
     with pytest.raises(ModelNotFound):
         Engine(model_path=str(tmp_path / "nope"))

@@ -17,7 +17,7 @@ from sgljax.engine.executable_cache import ExecutableCache
 WARM_AND_GENERATE = """
 import json, sys
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 eng = Engine(model_path=sys.argv[1], compilation_cache_dir=sys.argv[2], page_size=4,
              chunked_prefill_size=16, max_running_requests=4, max_prefill_seqs=1,
              precompile_bs_paddings=[4], context_length=64, max_total_tokens=512)

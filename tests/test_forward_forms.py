@@ -11,7 +11,8 @@ from flax import nnx
 from sgljax.engine.batch import StepBatch
 from sgljax.engine.config import ModelConfig
 from sgljax.engine.mesh import make_mesh
-from sgljax.engine.model import Decoder, forward, fuse_projections, unstack_layers
+from sgljax.engine.model import Decoder, forward
+from sgljax.engine.weight_forms import fuse_projections, unstack_layers
 from tiny_models import tiny_config
 
 PAGE = 4

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 from tiny_models import hf_greedy, hf_last_logits
 
 ARCHS = ["qwen3", "qwen2", "llama"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 
 WORKER = str(Path(__file__).parent / "multihost_worker.py")
 

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 from server_harness import free_port
 
 ENGINE = dict(page_size=4, chunked_prefill_size=16, max_running_requests=4, context_length=128,

@@ -7,7 +7,7 @@ pages as running one step at a time, through stops, preemption, aborts and penal
 import pytest
 
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 from test_engine import _engine, _mixed_prompts
 
 

@@ -215,7 +215,7 @@ def test_native_generate_streams_cumulative_text(http):
 
 def test_greedy_outputs_equal_engine_api(http, tiny_models):
     from sgljax.engine.engine import Engine
-    from sgljax.engine.sampling import SamplingParams
+    from sgljax.engine.sampling_params import SamplingParams
 
     # The last prompt spans two prefill chunks of 64 tokens.
     prompts = ["Hi", "The quick brown fox jumps over the lazy dog, again and again.",

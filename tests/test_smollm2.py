@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from sgljax.engine.engine import Engine
-from sgljax.engine.loader import default_gguf
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.default_model import default_gguf
+from sgljax.engine.sampling_params import SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sgljax.engine.engine import Engine
-from sgljax.engine.sampling import SamplingParams
+from sgljax.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

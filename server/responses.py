@@ -1,13 +1,13 @@
-"""Engine deltas → OpenAI response bodies and stream chunks (plain dicts, JSON-ready)."""
+"""Engine outputs → OpenAI response bodies and stream chunks (plain dicts, JSON-ready)."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
-from sgljax.engine.server.async_engine import Delta
+from sgljax.engine.outputs import Completion
 from sgljax.engine.tokenizer import Tokenizer
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
@@ -36,32 +36,11 @@ class TokenStrings:
 
 
 @dataclass
-class ChoiceState:
+class ChoiceState(Completion):
     """Everything generated so far for one choice (one engine sequence)."""
 
-    index: int
-    prompt_index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    finish_reason: str | None = None
-    matched_stop: int | str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    def add(self, d: Delta) -> None:
-        self.text += d.text
-        self.token_ids += d.token_ids
-        self.logprobs += d.logprobs
-        self.top_logprobs += d.top_logprobs
-        self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
-        self.completion_tokens = d.completion_tokens or self.completion_tokens
-        self.cached_tokens = max(self.cached_tokens, d.cached_tokens)
-        if d.finished:
-            self.finish_reason = d.finish_reason
-            self.matched_stop = d.matched_stop
+    index: int = 0
+    prompt_index: int = 0
 
 
 def usage(choices: list[ChoiceState], prompt_lens: list[int]) -> dict:

@@ -18,16 +18,15 @@ from fastapi import FastAPI
 
 from sgljax.engine.args import EngineArgs
 from sgljax.engine.engine import Engine
-from sgljax.engine.loader import DEFAULT_MODEL
-from sgljax.engine.server.args import ServerArgs
-from sgljax.engine.server.async_engine import AsyncEngine
-from sgljax.engine.server.context import ServerContext
-from sgljax.engine.server.errors import error_body, install_error_handlers
-from sgljax.engine.server.metrics import ServerMetrics
-from sgljax.engine.server.native_routes import router as native_router
-from sgljax.engine.server.openai_adapters import Limits
-from sgljax.engine.server.openai_routes import router as openai_router
-from sgljax.engine.tokenizer import Tokenizer
+from sgljax.engine.default_model import DEFAULT_MODEL
+from sgljax.server.args import ServerArgs
+from sgljax.server.async_engine import AsyncEngine
+from sgljax.server.context import ServerContext
+from sgljax.server.errors import error_body, install_error_handlers
+from sgljax.server.metrics import ServerMetrics
+from sgljax.server.native_routes import router as native_router
+from sgljax.server.openai_adapters import Limits
+from sgljax.server.openai_routes import router as openai_router
 
 log = logging.getLogger("sgljax.server")
 OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load-balancer probes)
@@ -70,8 +69,9 @@ def build_app(engine_args: EngineArgs, server_args: ServerArgs,
     served = {name, "default"}  # "default": clients that don't know the name still work
     if engine_args.model_path:
         served.add(engine_args.model_path)
-    ctx = ServerContext(bridge=bridge, tokenizer=Tokenizer(engine.model_path),
-                        limits=Limits(engine.context_length, engine.model_config.vocab_size),
+    ctx = ServerContext(bridge=bridge, tokenizer=engine.tokenizer,
+                        limits=Limits(engine.limits, engine.generation_defaults),
+                        info=engine.describe(),
                         model_name=name, served_names=served, metrics=metrics,
                         engine_args=engine_args, server_args=server_args)
 
@@ -92,6 +92,16 @@ def build_app(engine_args: EngineArgs, server_args: ServerArgs,
     if server_args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_args.api_key)
     return app
+
+
+def configure_logging(level: str) -> None:
+    """sgljax's and uvicorn's own lines at ``level``; the libraries' (absl, Orbax, JAX) only
+    from warnings up, unless ``level`` is debug: their INFO lines would flood the log."""
+    level = level.upper()
+    logging.basicConfig(level="DEBUG" if level in ("DEBUG", "TRACE") else "WARNING",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("sgljax", "uvicorn"):
+        logging.getLogger(name).setLevel("DEBUG" if level == "TRACE" else level)
 
 
 def _exit_quietly(signum, frame):
@@ -149,8 +159,7 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs,
     import uvicorn
 
     server_args.validate()
-    logging.basicConfig(level=server_args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(server_args.log_level)
     # SIGTERM while loading or compiling: leave at once, exit status 0.
     previous = signal.signal(signal.SIGTERM, _exit_quietly)
     try:

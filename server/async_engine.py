@@ -5,8 +5,9 @@ lives in a single background thread. Handlers (on the asyncio loop) put
 commands (add, abort, flush) into an inbox and wake the thread; the thread
 drains the inbox between steps and hands each step's outputs back to the
 loop with one ``call_soon_threadsafe`` per step, where they land on the
-per-request asyncio queues. Outputs are copied into plain ``Delta`` records
-in the engine thread, so handlers never read a Sequence the engine is changing.
+per-request asyncio queues. The engine's ``RequestOutput``s are copies, so handlers
+never read a Sequence the engine is changing; what the server reports about the
+engine comes from ``Engine.stats``, published after every step.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import concurrent.futures
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from sgljax.engine.engine import Engine, RequestOutput
-from sgljax.engine.sampling import SamplingParams
-from sgljax.engine.server.metrics import ServerMetrics
+from sgljax.engine.engine import Engine
+from sgljax.engine.outputs import EngineStats, RequestOutput
+from sgljax.engine.sampling_params import SamplingParams
+from sgljax.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -35,57 +37,20 @@ class EngineStopped(RuntimeError):
 
 
 @dataclass
-class Delta:
-    """What one step produced for one sequence (a copy, safe to read on the loop)."""
-
-    rid: str
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None
-    matched_stop: int | str | None = None
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    error: str | None = None  # the engine refused or failed this sequence
-    error_status: int = 400  # HTTP status for ``error``: 400 refused, 503 shutting down, 500
-
-
-@dataclass
 class SeqRequest:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot the engine thread publishes after every step (read by /metrics etc.)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_pages_used: int = 0
-    kv_pages_total: int = 1
-    kv_pages_held_by_requests: int = 0
-    prefix_cache_pages: int = 0
-    cache_hit_rate: float = 0.0
-    compiles_after_warmup: int = 0  # executables built while serving: should stay 0
-
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_pages_used / max(self.kv_pages_total, 1)
-
-
 class RequestHandle:
-    """One HTTP request's sequences; their deltas arrive on one asyncio queue."""
+    """One HTTP request's sequences; their outputs arrive on one asyncio queue."""
 
     def __init__(self, owner: "AsyncEngine", rids: list[str]):
         self.owner = owner
         self.rids = rids
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.unfinished = set(rids)
         self.cancelled = False  # the client went away before the end
 
@@ -93,8 +58,8 @@ class RequestHandle:
     def done(self) -> bool:
         return not self.unfinished
 
-    async def next_batch(self) -> list[Delta]:
-        """Wait for at least one delta; return all that are ready (coalescing a backlog)."""
+    async def next_batch(self) -> list[RequestOutput]:
+        """Wait for at least one output; return all that are ready (coalescing a backlog)."""
         batch = [await self.queue.get()]
         while not self.queue.empty():
             batch.append(self.queue.get_nowait())
@@ -110,12 +75,12 @@ class RequestHandle:
             self.unfinished.clear()
 
     def cancel(self) -> None:
-        """Abort, and wake a handler waiting on the queue with a final 'abort' delta."""
+        """Abort, and wake a handler waiting on the queue with a final 'abort' output."""
         rids = list(self.unfinished)
         self.cancelled = True
         self.abort()
         for rid in rids:
-            self.queue.put_nowait(Delta(rid, "", [], True, "abort"))
+            self.queue.put_nowait(RequestOutput(rid, "", [], True, "abort"))
 
 
 class AsyncEngine:
@@ -124,7 +89,7 @@ class AsyncEngine:
         self.engine = engine
         self.metrics = metrics
         self.max_queued_requests = max_queued_requests
-        self.stats = EngineStats()
+        self.stats = EngineStats()  # engine.stats() as of the last step (read by routes)
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -150,12 +115,17 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    @property
+    def healthy(self) -> bool:
+        """False once a host of a multi-host engine is lost (set from the channel's thread)."""
+        return self.engine.healthy
+
     def drain(self) -> None:
         """Refuse new requests from now on (in-flight ones go on)."""
         self._draining = True
 
     def abort_all(self, reason: str = "the server is shutting down", status: int = 503) -> None:
-        """End every request in flight; their handlers get an error delta."""
+        """End every request in flight; their handlers get an error output."""
         self._inbox.append(("abort_all", reason, status))
         self._wake.set()
 
@@ -203,8 +173,8 @@ class AsyncEngine:
         except BaseException:  # a bug in this loop: never leave handlers waiting forever
             log.exception("the engine thread died")
             self._stopping = True
-            dead = [Delta(rid, "", [], True, "abort", error="the engine thread died",
-                          error_status=500) for rid in list(self._handles)]
+            dead = [RequestOutput.failed(rid, "the engine thread died", 500)
+                    for rid in list(self._handles)]
             self._deliver(dead)
 
     def _loop(self) -> None:
@@ -230,7 +200,8 @@ class AsyncEngine:
                 log.exception("engine step failed; failing the requests in flight")
                 self._abort_all("internal error while running the model", 500)
                 continue
-            self._deliver([self._delta(o) for o in outputs])
+            self._observe(outputs)
+            self._deliver(outputs)
             self._publish_stats()
 
     def _drain_inbox(self) -> None:
@@ -247,11 +218,10 @@ class AsyncEngine:
             elif cmd[0] == "abort_all":
                 self._abort_all(cmd[1], cmd[2])
             elif cmd[0] == "flush":
-                busy = self.engine.has_work() or any(c[0] == "add" for c in self._inbox)
-                if not busy:
-                    self.engine.prefix_cache.flush()
-                    self._publish_stats()
-                cmd[1].set_result(not busy)
+                flushed = (not any(c[0] == "add" for c in self._inbox)
+                           and self.engine.flush_cache())
+                self._publish_stats()
+                cmd[1].set_result(flushed)
 
     def _add(self, seqs: list[SeqRequest], arrival: float) -> None:
         errors = []
@@ -262,8 +232,8 @@ class AsyncEngine:
                 self.engine.add_request(s.prompt_ids, s.params, rid=s.rid)
             except Exception as e:  # noqa: BLE001 - reported to the client, not raised here
                 status = 400 if isinstance(e, ValueError) else 500
-                errors.append(Delta(s.rid, "", [], True, "error", error=str(e),
-                                    error_status=status))
+                errors.append(RequestOutput(s.rid, "", [], True, "error", error=str(e),
+                                            error_status=status))
                 continue
             self._arrival[s.rid] = arrival
             if self.metrics:
@@ -275,26 +245,25 @@ class AsyncEngine:
             self._pending_adds -= len(seqs)
         self._deliver(errors)
 
-    def _delta(self, o: RequestOutput) -> Delta:
-        seq, now = o.seq, time.monotonic()
-        if self.metrics:
-            self.metrics.generation_tokens.inc(len(o.delta_token_ids))
-            last = self._last_token.get(o.rid)
-            if last is None:
-                self.metrics.ttft.observe(now - self._arrival.get(o.rid, now))
-            else:
-                self.metrics.itl.observe(now - last)
-            if o.finished:
-                self.metrics.e2e.observe(now - self._arrival.get(o.rid, now))
-                self.metrics.request_finished(o.finish_reason or "stop")
-        self._last_token[o.rid] = now
-        return Delta(o.rid, o.delta_text, list(o.delta_token_ids), o.finished, o.finish_reason,
-                     seq.matched_stop, list(o.delta_logprobs), list(o.delta_top_logprobs),
-                     len(seq.prompt_ids), len(seq.output_ids), seq.num_cached_prompt)
+    def _observe(self, outputs: list[RequestOutput]) -> None:
+        """Token counts and latencies for /metrics."""
+        now = time.monotonic()
+        for o in outputs:
+            if self.metrics:
+                self.metrics.generation_tokens.inc(len(o.token_ids))
+                last = self._last_token.get(o.rid)
+                if last is None:
+                    self.metrics.ttft.observe(now - self._arrival.get(o.rid, now))
+                else:
+                    self.metrics.itl.observe(now - last)
+                if o.finished:
+                    self.metrics.e2e.observe(now - self._arrival.get(o.rid, now))
+                    self.metrics.request_finished(o.finish_reason or "stop")
+            self._last_token[o.rid] = now
 
-    def _deliver(self, deltas: list[Delta]) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for d in deltas:
+        for d in outputs:
             handle = self._handles.get(d.rid)
             if d.finished:
                 self._forget(d.rid)
@@ -313,28 +282,15 @@ class AsyncEngine:
 
     def _abort_all(self, reason: str, status: int) -> None:
         rids = list(self._handles)
-        for rid in rids:
-            self.engine.abort(rid)
-        self._deliver([Delta(rid, "", [], True, "abort", error=reason, error_status=status)
-                       for rid in rids])
-        # Sequences nobody listens to any more (handles already gone) must free pages too.
-        for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
-            self.engine.abort(seq.rid)
+        # Every sequence, also those nobody listens to any more, frees its pages.
+        self.engine.abort_all()
+        self._deliver([RequestOutput.failed(rid, reason, status) for rid in rids])
         self._publish_stats()
 
     def _publish_stats(self) -> None:
-        eng = self.engine
-        running = eng.scheduler.running
-        held = {p for s in running for p in s.pages}
-        cache = eng.prefix_cache
-        self.stats = EngineStats(
-            num_running=len(running), num_waiting=len(eng.scheduler.waiting),
-            kv_pages_used=eng.pool.num_used, kv_pages_total=eng.pool.capacity,
-            kv_pages_held_by_requests=len(held), prefix_cache_pages=cache.num_pages,
-            cache_hit_rate=cache.hit_rate() if hasattr(cache, "hit_rate") else 0.0,
-            compiles_after_warmup=eng.compiles_since_warmup())
+        self.stats = self.engine.stats()
 
 
-def _put_all(items: list[tuple[RequestHandle, Delta]]) -> None:
+def _put_all(items: list[tuple[RequestHandle, RequestOutput]]) -> None:
     for handle, delta in items:
         handle.queue.put_nowait(delta)

@@ -13,13 +13,13 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from sgljax.engine.args import EngineArgs
-from sgljax.engine.server.args import ServerArgs
-from sgljax.engine.server.async_engine import (
+from sgljax.server.args import ServerArgs
+from sgljax.server.async_engine import (
     AsyncEngine, EngineStopped, Overloaded, RequestHandle, SeqRequest)
-from sgljax.engine.server.errors import APIError, bad_request
-from sgljax.engine.server.metrics import ServerMetrics
-from sgljax.engine.server.openai_adapters import Limits, Prepared
-from sgljax.engine.server.responses import ChoiceState, TokenStrings
+from sgljax.server.errors import APIError, bad_request
+from sgljax.server.metrics import ServerMetrics
+from sgljax.server.openai_adapters import Limits, Prepared
+from sgljax.server.responses import ChoiceState, TokenStrings
 from sgljax.engine.tokenizer import Tokenizer
 
 DISCONNECT_POLL_S = 0.5
@@ -29,8 +29,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @dataclass
 class ServerContext:
     bridge: AsyncEngine
-    tokenizer: Tokenizer  # the handlers' own copy; the engine thread uses the engine's
+    tokenizer: Tokenizer  # the engine's
     limits: Limits
+    info: dict  # Engine.describe(): the model, its limits and defaults, the buckets
     model_name: str
     served_names: set[str]
     metrics: ServerMetrics

@@ -10,13 +10,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from sgljax.engine.server.async_engine import RequestHandle
-from sgljax.engine.server.context import EngineEventStream, ServerContext, collect
-from sgljax.engine.server.errors import APIError, error_body, read_model
-from sgljax.engine.server.metrics import CONTENT_TYPE
-from sgljax.engine.server.openai_adapters import prepare_generate
-from sgljax.engine.server.protocol import GenerateRequest
-from sgljax.engine.server.responses import SSE_DONE, ChoiceState, sse
+from sgljax.server.async_engine import RequestHandle
+from sgljax.server.context import EngineEventStream, ServerContext, collect
+from sgljax.server.errors import APIError, error_body, read_model
+from sgljax.server.metrics import CONTENT_TYPE
+from sgljax.server.openai_adapters import prepare_generate
+from sgljax.server.protocol import GenerateRequest
+from sgljax.server.responses import SSE_DONE, ChoiceState, sse
 
 router = APIRouter()
 
@@ -86,7 +86,7 @@ async def health(request: Request):
     bridge = _ctx(request).bridge
     if not bridge.alive:
         raise APIError(503, "the engine is not running", code="server_unavailable")
-    if not bridge.engine.healthy:
+    if not bridge.healthy:
         raise APIError(503, "a host of this multi-host engine was lost", code="server_unavailable")
     return Response(status_code=200)
 
@@ -94,13 +94,13 @@ async def health(request: Request):
 @router.get("/get_model_info")
 async def model_info(request: Request):
     ctx = _ctx(request)
-    eng = ctx.bridge.engine
-    cfg = eng.model_config
-    return {"model_path": str(eng.model_path), "tokenizer_path": str(eng.model_path),
+    info = ctx.info
+    return {"model_path": info["model_path"], "tokenizer_path": info["model_path"],
             "served_model_name": ctx.model_name, "is_generation": True,
-            "architecture": cfg.architecture, "context_length": ctx.limits.context_length,
-            "vocab_size": cfg.vocab_size, "num_layers": cfg.num_layers,
-            "dtype": ctx.engine_args.dtype}
+            **{k: info[k] for k in ("architecture", "context_length", "vocab_size",
+                                    "num_layers", "dtype")},
+            # what a request that leaves these fields out samples with (generation_config.json)
+            "default_sampling_params": info["default_sampling_params"]}
 
 
 @router.get("/get_server_info")
@@ -111,8 +111,7 @@ async def server_info(request: Request):
     server["api_key"] = "***" if server["api_key"] else None
     return {**dataclasses.asdict(ctx.engine_args), **server,
             "served_model_name": ctx.model_name,
-            "context_length": ctx.limits.context_length,
-            "buckets": ctx.bridge.engine.plan.describe(),
+            "context_length": ctx.info["context_length"], "buckets": ctx.info["buckets"],
             "internal_states": {**dataclasses.asdict(stats), "kv_usage": stats.kv_usage,
                                 "num_queued": ctx.bridge.num_queued()}}
 

@@ -9,13 +9,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from sgljax.engine.server.async_engine import RequestHandle
-from sgljax.engine.server.context import EngineEventStream, ServerContext, collect
-from sgljax.engine.server.errors import error_body, read_model
-from sgljax.engine.server.openai_adapters import (
+from sgljax.server.async_engine import RequestHandle
+from sgljax.server.context import EngineEventStream, ServerContext, collect
+from sgljax.server.errors import error_body, read_model
+from sgljax.server.openai_adapters import (
     Prepared, check_model_name, prepare_chat, prepare_completion)
-from sgljax.engine.server.protocol import ChatCompletionRequest, CompletionRequest
-from sgljax.engine.server.responses import (
+from sgljax.server.protocol import ChatCompletionRequest, CompletionRequest
+from sgljax.server.responses import (
     SSE_DONE, ChoiceState, chat_chunk, chat_logprobs, chat_response, completion_chunk,
     completion_logprobs, completion_response, sse, usage, usage_chunk)
 
@@ -49,7 +49,7 @@ async def get_model(model_id: str, request: Request):
 def _model_card(ctx: ServerContext) -> dict:
     return {"id": ctx.model_name, "object": "model", "created": ctx.started,
             "owned_by": "sgljax", "root": ctx.model_name,
-            "max_model_len": ctx.limits.context_length}
+            "max_model_len": ctx.info["context_length"]}
 
 
 # -- chat ------------------------------------------------------------------------------
