@@ -20,6 +20,12 @@ def user_errors():
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
+    except ImportError as e:  # an install that lacks a dependency: say which, and the fix
+        missing = getattr(e, "name", None) or str(e)
+        print(f"error: the Python package {missing!r} is missing ({e}); sgljax's dependencies "
+              "are incomplete: run `bash scripts/setup.sh` (or `pip install -c constraints.txt "
+              "-e .` in the checkout)", file=sys.stderr)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None

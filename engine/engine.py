@@ -127,7 +127,7 @@ class Engine:
             if kind == "shutdown":
                 return
             if kind == "warm":
-                self.runner.warmed_up = True
+                self._mark_warm()
             elif kind == "compile":
                 self.runner.compile_only(*unflatten_step(arrays)[:2])
             else:
@@ -271,11 +271,15 @@ class Engine:
             self.runner.warmup_shape(S, Q, P)
             if progress:
                 progress(n + 1, len(shapes), (S, Q, P))
-        self.runner.warmed_up = True
+        self._mark_warm()
         if self._leader is not None:
             self._leader.send("warm")
-        self._compiles_at_warmup = self.compile_stats.compiles
         return len(shapes)
+
+    def _mark_warm(self) -> None:
+        """From now on every compile is one the bucket plan missed."""
+        self.runner.warmed_up = True
+        self._compiles_at_warmup = self.compile_stats.compiles
 
     def compiles_since_warmup(self) -> int:
         """Executables built since ``warmup`` finished (0 when serving is healthy)."""

@@ -54,8 +54,7 @@ def sample(logits: jax.Array, sb: SamplingBatch, adjust: LogitAdjust):
 
     The greedy tokens and the log-normalizer are computed outside the conds, and no
     (S, V) temporary is written: inside a cond XLA CPU fused the (S, V) work worse, and
-    each (S, V) buffer it wrote cost several ms (sampling in a decode step at
-    64 x 49,152: ~30 → ~8 ms).
+    each (S, V) buffer it wrote cost several ms (figures in benchmarks/README.md).
     """
     top = jnp.max(logits, axis=-1, keepdims=True)
     plain_greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)

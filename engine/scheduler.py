@@ -8,9 +8,8 @@ starves running decodes. A prefill step takes at most
 through its chunks. Every prefill step stalls every decoder, so short ones keep
 ITL down; and prompts that arrive together but are prefilled a step apart also
 finish apart, so in a steady load new requests come one at a time and each
-waits for one short step, not for a batch of others (16 concurrent requests
-sharing a cached 1,024-token prefix, on CPU: median TTFT 661 ms with 8 new
-prompts a step, 174 ms with 1). When the KV pool runs dry the newest running
+waits for one short step, not for a batch of others (benchmarks/README.md has
+the TTFT figures). When the KV pool runs dry the newest running
 sequence is preempted: its pages are released and it later resumes by
 recomputing its tokens, producing the same output.
 

@@ -35,3 +35,18 @@ def test_folder_without_weights(tmp_path, tiny_models):
     (tmp_path / "config.json").write_text((tiny_models["qwen3"] / "config.json").read_text())
     out = _sgljax("generate", "--model-path", str(tmp_path), "hi")
     assert out.returncode == 1 and "no *.safetensors weights" in out.stderr
+
+
+def test_a_missing_dependency_is_one_line_naming_it(tmp_path):
+    """convert with the gguf package absent: one `error:` line naming it and the fix."""
+    code = ("import sys; sys.modules['gguf'] = None\n"
+            "from sgljax.cli.main import app\n"
+            f"app(['convert', 'default', {str(tmp_path / 'out')!r}])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the Python package 'gguf' is missing")
+    assert "scripts/setup.sh" in last
+    assert not (tmp_path / "out").exists()
