@@ -58,9 +58,7 @@ class Engine:
                      if args.enable_compilation_cache and not pathways else None)
         self.compile_stats = watch_compilations()
         self.healthy = True
-        if args.nnodes > 1:
-            if not args.dist_init_addr:
-                raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+        if args.nnodes > 1:  # EngineArgs made sure dist_init_addr is there
             init_distributed(args.dist_init_addr, args.nnodes, args.node_rank)
         self.mesh = make_mesh(args.tp_size)
         loaded = load_model(resolve_model_path(args.model_path), self.mesh, args.dtype)

@@ -18,14 +18,15 @@ from pathlib import Path
 from sgljax.engine.cache_paths import compilation_cache_dir
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # sgljax's source tree
-_CODE_SUFFIXES = (".py", ".cc", ".h")
+# What a step's program is made of (the server and CLI never change what is compiled).
+_CODE = {"engine": ("*.py",), "kernels": ("*.py", "*.cc", "*.h")}
 
 
 def _code_fingerprint() -> list:
     """Size and mtime of every source file: changed code may lower to other programs."""
     return sorted((str(p.relative_to(_PACKAGE)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in _PACKAGE.rglob("*") if p.suffix in _CODE_SUFFIXES
-                  and ".venv" not in p.parts and "tests" not in p.parts)
+                  for folder, patterns in _CODE.items() for pattern in patterns
+                  for p in (_PACKAGE / folder).glob(pattern))
 
 
 def _version(dist: str) -> str:

@@ -1,0 +1,59 @@
+"""Qwen/Hermes tool-call blocks → OpenAI tool_calls, whole and at every stream split."""
+
+import json
+
+import pytest
+
+from sgljax.server.tool_parser import HermesToolParser, parse_tool_calls
+
+WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+TIME = '{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}'
+CASES = [
+    # (output, content, [(name, arguments as a dict)])
+    (f"<tool_call>\n{WEATHER}\n</tool_call>", "",
+     [("get_weather", {"city": "Paris", "unit": "celsius"})]),
+    (f"Let me check.\n<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{TIME}\n</tool_call>",
+     "Let me check.\n\n", [("get_weather", {"city": "Paris", "unit": "celsius"}),
+                           ("get_time", {"tz": "Europe/Paris"})]),
+    ("No tools needed: 2 < 3.", "No tools needed: 2 < 3.", []),
+    ("<tool_call>\n{not json}\n</tool_call>", "<tool_call>\n{not json}\n</tool_call>", []),
+    (f"<tool_call>\n{WEATHER}", f"<tool_call>\n{WEATHER}", []),  # cut off by max_tokens
+    ('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>', "", [("f", {"x": 1})]),
+    ('<tool_call>{"name": "héllo", "arguments": {"q": "日本"}}</tool_call>', "",
+     [("héllo", {"q": "日本"})]),
+]
+
+
+def _calls(calls):
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize("text,content,calls", CASES)
+def test_whole_output(text, content, calls):
+    got_content, got_calls = parse_tool_calls(text)
+    assert got_content == content and _calls(got_calls) == calls
+    assert [c.index for c in got_calls] == list(range(len(calls)))
+    assert len({c.id for c in got_calls}) == len(calls)
+
+
+@pytest.mark.parametrize("text,content,calls", CASES)
+def test_split_at_every_position(text, content, calls):
+    for cut in range(len(text) + 1):
+        parser = HermesToolParser()
+        got_content, got_calls = "", []
+        for piece in (text[:cut], text[cut:]):
+            c, closed = parser.feed(piece)
+            got_content += c
+            got_calls += closed
+        got_content += parser.finish()
+        assert (got_content, _calls(got_calls)) == (content, calls), cut
+
+
+def test_a_tag_never_leaks_into_streamed_content():
+    text = f"Sure.<tool_call>\n{TIME}\n</tool_call>"
+    parser = HermesToolParser()
+    streamed = [parser.feed(ch)[0] for ch in text] + [parser.finish()]
+    assert all("<" not in piece for piece in streamed)
+    assert "".join(streamed) == "Sure."
+    assert [c.to_openai()["function"]["name"] for c in parser.calls] == ["get_time"]
+    assert parser.calls[0].to_openai()["type"] == "function"
