@@ -25,6 +25,9 @@ def serve(
     skip_server_warmup: bool = typer.Option(False, "--skip-server-warmup",
                                             help="Serve at once; compile shapes on first use."),
     log_level: str = typer.Option("info", "--log-level"),
+    reasoning_parser: Optional[str] = typer.Option(
+        None, "--reasoning-parser",
+        help="qwen3: chat answers carry <think>...</think> as reasoning_content."),
     graceful_shutdown_timeout: float = typer.Option(
         10.0, "--graceful-shutdown-timeout",
         help="On SIGTERM, seconds in-flight requests get to finish before they are aborted."),
@@ -38,7 +41,8 @@ def serve(
                                  api_key=api_key, max_queued_requests=max_queued_requests,
                                  skip_server_warmup=skip_server_warmup,
                                  log_level=log_level,
-                                 graceful_shutdown_timeout=graceful_shutdown_timeout).validate()
+                                 graceful_shutdown_timeout=graceful_shutdown_timeout,
+                                 reasoning_parser=reasoning_parser).validate()
         with warmup_progress(quiet=skip_server_warmup or engine_args.node_rank > 0) as progress:
             run_server(engine_args, server_args, progress=progress)
 

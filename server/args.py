@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DEFAULT_PORT = 30000  # SGLang's default
 MAX_BODY_BYTES = 8 * 1024 * 1024
+REASONING_PARSERS = ("qwen3",)
 
 
 @dataclass
@@ -19,6 +20,8 @@ class ServerArgs:
     log_level: str = "info"
     max_request_bytes: int = MAX_BODY_BYTES
     graceful_shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
+    # "qwen3": chat answers carry <think>…</think> as reasoning_content (server/reasoning_parser.py)
+    reasoning_parser: str | None = None
 
     def validate(self) -> "ServerArgs":
         if not 0 <= self.port <= 65535:
@@ -31,6 +34,9 @@ class ServerArgs:
                              "error or critical")
         if self.graceful_shutdown_timeout < 0:
             raise ValueError("--graceful-shutdown-timeout must be >= 0")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}, "
+                             f"not {self.reasoning_parser!r}")
         if self.api_key == "":
             raise ValueError("--api-key must not be empty")
         return self

@@ -40,6 +40,7 @@ class Prepared:
     params: list[SamplingParams]  # index p * n + j: prompt p, choice j
     n: int
     prompt_texts: list[str] | None = None  # for completions' echo
+    thinking_opened: bool = False  # the chat prompt ends inside a <think> block
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:
@@ -163,7 +164,10 @@ def prepare_chat(tok: Tokenizer, req: ChatCompletionRequest, limits: Limits) -> 
     ids = chat_prompt_ids(tok, req)
     params = _fan_out(req, [ids], requested, limits, req.logprobs, req.top_logprobs or 0,
                       {"max_tokens": param, "prompt": "messages"})
-    return Prepared([ids], params, req.n)
+    # Templates of thinking models may end the generation prompt with "<think>\n": the
+    # answer then starts inside the block.
+    opened = tok.decode(ids[-3:], skip_special_tokens=False).rstrip().endswith("<think>")
+    return Prepared([ids], params, req.n, thinking_opened=opened)
 
 
 # -- completions --------------------------------------------------------------------

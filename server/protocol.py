@@ -76,6 +76,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
+    # SGLang: with --reasoning-parser, put the thinking in reasoning_content (else leave
+    # it in content as the model wrote it).
+    separate_reasoning: bool = True
     # Accepted: only meaningful with tools, which are refused below.
     parallel_tool_calls: bool | None = None
     # Declared so that using them is a clear 400.

@@ -90,14 +90,18 @@ def completion_logprobs(names: TokenStrings, ids: list[int], lps: list[float],
 
 # -- whole responses --------------------------------------------------------------------
 def chat_response(rid: str, created: int, model: str, choices: list[ChoiceState],
-                  prompt_lens: list[int], names: TokenStrings, logprobs: bool, k: int) -> dict:
+                  prompt_lens: list[int], names: TokenStrings, logprobs: bool, k: int,
+                  split=None) -> dict:
+    """``split(text) -> (reasoning or None, content)`` when a reasoning parser is on."""
     out = []
     for c in choices:
         lp = (chat_logprobs(names, c.token_ids, c.logprobs, c.top_logprobs, k)
               if logprobs else None)
-        out.append({"index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None,
-                                "tool_calls": None},
+        reasoning, content = split(c.text) if split else (None, c.text)
+        message = {"role": "assistant", "content": content, "refusal": None, "tool_calls": None}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        out.append({"index": c.index, "message": message,
                     "logprobs": lp, "finish_reason": c.finish_reason,
                     "matched_stop": c.matched_stop})
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
