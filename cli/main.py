@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Serving needs no PyTorch; transformers would say at every start that it is missing.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -28,5 +29,19 @@ for module in (generate, serve, convert, warmup, up, bench):
     module.register(app)
 
 
+def run() -> None:
+    """The program: ``app()``; once a command has failed with its one ``error:`` line, the
+    rest of stderr is dropped, so that library threads still winding down (TensorStore's
+    reads after a damaged checkpoint, say) print no tracebacks after it."""
+    try:
+        app()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            sys.stderr.flush()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+        raise
+
+
 if __name__ == "__main__":
-    app()
+    run()

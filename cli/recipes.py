@@ -186,9 +186,14 @@ def recipe_from_folder(path: Path) -> Recipe:
     shape = Shape(params=0, layers=cfg.num_layers, hidden=cfg.hidden_size,
                   intermediate=cfg.intermediate_size, heads=cfg.num_heads,
                   kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, vocab=cfg.vocab_size,
-                  tie_embeddings=cfg.tie_word_embeddings, max_context=cfg.max_position_embeddings)
+                  tie_embeddings=cfg.tie_word_embeddings, max_context=cfg.max_position_embeddings,
+                  experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
+                  moe_intermediate=cfg.moe_intermediate_size)
     qk_norm = cfg.architecture.startswith("Qwen3")
-    shape = dataclasses.replace(shape, params=shape.formula_params(qk_norm))
+    # MoE: the engine's own count (every expert, dense layers' and shared experts' MLPs),
+    # which the recipe formula's every-layer-sparse shape cannot express.
+    params = cfg.param_count() if cfg.is_moe else shape.formula_params(qk_norm)
+    shape = dataclasses.replace(shape, params=params)
     serving = dict(FOLDER_SERVING, context_length=min(4096, cfg.max_position_embeddings))
     name = re.sub(r"[^a-z0-9.-]+", "-", path.name.lower()).strip("-") or "model"
     return Recipe(name=name, hf_repo=str(path), architecture=cfg.architecture,

@@ -31,6 +31,9 @@ def serve(
     graceful_shutdown_timeout: float = typer.Option(
         10.0, "--graceful-shutdown-timeout",
         help="On SIGTERM, seconds in-flight requests get to finish before they are aborted."),
+    request_timeout: float = typer.Option(
+        30.0, "--request-timeout",
+        help="Seconds a client has to send a request's headers, and again its body (408 after)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
     with user_errors():
@@ -42,6 +45,7 @@ def serve(
                                  skip_server_warmup=skip_server_warmup,
                                  log_level=log_level,
                                  graceful_shutdown_timeout=graceful_shutdown_timeout,
+                                 request_timeout=request_timeout,
                                  reasoning_parser=reasoning_parser).validate()
         with warmup_progress(quiet=skip_server_warmup or engine_args.node_rank > 0) as progress:
             run_server(engine_args, server_args, progress=progress)

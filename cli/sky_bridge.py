@@ -14,16 +14,44 @@ import re
 import sys
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The SkyPilot releases whose task schema sgljax renders for (sky_task.py); scripts/setup-sky.sh
+# installs the pinned one. Another release may reject or misread the task.
+SUPPORTED = ((0, 14), (0, 15))
+SUPPORTED_TEXT = ">=0.14,<0.15"
+
+
+class SkyVersionError(RuntimeError):
+    """The SkyPilot found is outside SUPPORTED."""
 
 
 def _first_line(e: BaseException) -> str:
     text = ANSI.sub("", str(e)).strip().splitlines()
+    if isinstance(e, SkyVersionError):
+        return text[0]
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def check_version(version: str) -> None:
+    """SkyVersionError unless ``version`` (SkyPilot's ``__version__``) is in SUPPORTED."""
+    m = re.match(r"\s*(\d+)\.(\d+)", version or "")
+    if m and SUPPORTED[0] <= (int(m[1]), int(m[2])) < SUPPORTED[1]:
+        return
+    raise SkyVersionError(
+        f"SkyPilot {version or '(unknown version)'} found; sgljax renders tasks for SkyPilot "
+        f"{SUPPORTED_TEXT}: run `bash scripts/setup-sky.sh` (SkyPilot 0.14.1 in .venv-sky) and "
+        "set SGLJAX_SKY_PYTHON=.venv-sky/bin/python")
+
+
+def _import_sky():
+    import sky
+
+    check_version(str(getattr(sky, "__version__", "")))
+    return sky
 
 
 def validate(configs: list[dict]) -> list[dict]:
     """Check task dicts with SkyPilot's own parser; offline, no API server."""
-    import sky
+    sky = _import_sky()
 
     out = []
     for config in configs:
@@ -52,7 +80,7 @@ def _pick_cluster(sky, cluster: str | None) -> str:
 
 
 def launch(config: dict, cluster: str, port: int, detach: bool = False) -> int:
-    import sky
+    sky = _import_sky()
 
     task = sky.Task.from_yaml_config(config)
     job_id, _handle = sky.stream_and_get(sky.launch(task, cluster_name=cluster))
@@ -67,7 +95,7 @@ def launch(config: dict, cluster: str, port: int, detach: bool = False) -> int:
 
 
 def down(cluster: str | None) -> int:
-    import sky
+    sky = _import_sky()
 
     name = _pick_cluster(sky, cluster)
     sky.stream_and_get(sky.down(name))
@@ -76,7 +104,7 @@ def down(cluster: str | None) -> int:
 
 
 def status() -> int:
-    import sky
+    sky = _import_sky()
 
     records = sky.get(sky.status())
     if not records:
@@ -88,7 +116,7 @@ def status() -> int:
 
 
 def logs(cluster: str | None, follow: bool = True) -> int:
-    import sky
+    sky = _import_sky()
 
     return int(sky.tail_logs(_pick_cluster(sky, cluster), None, follow=follow) or 0)
 

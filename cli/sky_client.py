@@ -120,11 +120,17 @@ def call(op: str, **request):
             raise
         except Exception as e:  # noqa: BLE001 - SkyPilot's many errors → one line
             raise SkyUnavailable(sky_bridge._first_line(e)) from None
+    captured = subprocess.PIPE if op == "validate" else None
     proc = subprocess.run([where, str(BRIDGE), op], input=json.dumps(request), text=True,
-                          stdout=subprocess.PIPE if op == "validate" else None)
+                          stdout=captured, stderr=captured)
     if op == "validate":
         if proc.returncode != 0:
-            raise SkyUnavailable(f"SkyPilot ({where}) could not validate the task")
+            # The bridge's own one-line reason (e.g. a SkyPilot release sgljax does not
+            # render for), else a generic one.
+            errors = [line[len("error: "):] for line in (proc.stderr or "").splitlines()
+                      if line.startswith("error: ")]
+            raise SkyUnavailable(errors[-1] if errors else
+                                 f"SkyPilot ({where}) could not validate the task")
         return json.loads(proc.stdout)
     return proc.returncode
 

@@ -12,6 +12,7 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULE_POLICIES = ("fcfs", "lpm")  # engine/scheduler.py
 DEVICES = ("auto", "cpu", "tpu", "gpu", "proxy")
 CONTROLLERS = ("multi", "pathways")
+MOE_BACKENDS = ("dense", "grouped")  # engine/moe.py's MOE_BACKENDS
 POSITIVE_INTS = ("tp_size", "page_size", "max_running_requests", "chunked_prefill_size",
                  "max_prefill_seqs", "new_seqs_per_prefill", "context_length",
                  "max_total_tokens", "nnodes")
@@ -84,6 +85,10 @@ class EngineArgs:
     schedule_policy: str = _flag("fcfs", "fcfs (first come, first served) or lpm (longest "
                                  "cached prefix first).")
     random_seed: int | None = _flag(None, "Seed of the sampling of requests that set none.")
+    moe_backend: str = _flag(
+        "grouped", "How MoE layers run their experts: grouped (each token's top-k experts "
+        "only, assignments sorted by expert into grouped matmuls; no token dropped) or dense "
+        "(every expert on every token: the reference, for few experts).")
     precompile_bs_paddings: list[int] | None = _flag(
         None, "Decode batch buckets, e.g. 1,4,16,64 (default: powers of two up to "
         "--max-running-requests).")
@@ -120,6 +125,7 @@ class EngineArgs:
         _one_of("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
         _one_of("device", self.device, DEVICES)
         _one_of("controller", self.controller, CONTROLLERS)
+        _one_of("moe_backend", self.moe_backend, MOE_BACKENDS)
         for name in POSITIVE_INTS:
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -189,13 +189,28 @@ def restore_into(path: str | Path, cfg: ModelConfig, flat_state: dict, mesh,
             raise CheckpointError(f"{path}: {name} has shape {tuple(stored[name]['shape'])} in "
                                   f"the checkpoint, config.json expects {shape}")
         targets[name] = jax.ShapeDtypeStruct(shape, want.dtype, sharding=sharding)
+    state_dir = path / CHECKPOINT_DIR / STATE_DIR
+    if not (state_dir / "_METADATA").is_file():  # a copy that stopped part-way
+        raise CheckpointError(f"{path}: the Orbax checkpoint has no {state_dir / '_METADATA'}; "
+                              "it is damaged or was copied half-way: convert it again with "
+                              "`sgljax convert SOURCE OUT`")
     reader = ocp.PyTreeCheckpointer()
     for group in _groups(targets):
         tree = _nest(group)
         args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(
             sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), tree)
-        restored = reader.restore(path / CHECKPOINT_DIR / STATE_DIR, args=ocp.args.PyTreeRestore(
-            item=tree, restore_args=args, partial_restore=True))
+        try:
+            restored = reader.restore(path / CHECKPOINT_DIR / STATE_DIR,
+                                      args=ocp.args.PyTreeRestore(item=tree, restore_args=args,
+                                                                  partial_restore=True))
+        except Exception as e:  # noqa: BLE001 - TensorStore / Orbax: a damaged folder
+            first = (str(e).strip().splitlines() or [""])[0]
+            first = first.split(" [tensorstore_spec")[0][:300]
+            reader.close()
+            raise CheckpointError(f"{path}: the Orbax checkpoint cannot be read "
+                                  f"({type(e).__name__}: {first}); it is damaged or was copied "
+                                  "half-way: convert it again with `sgljax convert SOURCE OUT`"
+                                  ) from None
         for name, array in _flatten(restored).items():
             if name in repeat:
                 array = _repeat_kv_heads(array, stored_kv, kv_heads, cfg.head_dim, repeat[name])

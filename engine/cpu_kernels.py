@@ -10,7 +10,8 @@
   numerics do not depend on which one runs.
 - Matmuls read each layer's weights in place inside the layer scan: float32 ones in
   decode steps of up to cpu_linear.MAX_TOKENS tokens, bfloat16 ones in every step
-  and the LM head, on AMX.
+  and the LM head, on AMX. Not in MoE models: their dense and sparse layers stack
+  apart (the kernel indexes one stack by model layer), so XLA runs their matmuls.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def choose(top: dict, stacked: dict, cfg, cache_dtype, act_dtype, cpu_alone: boo
             elif cpu_amx_attention.available() and cpu_amx_attention.supports(
                     (1, 1, 1, cfg.head_dim)):
                 chunk = cpu_amx_attention.amx_attention
+    if cpu_alone and not cfg.is_moe:
         if weights == jnp.float32 and cpu_linear.available():
             linear = LinearKernel(cpu_linear.linear, cpu_linear.MAX_TOKENS, decode_only=True)
         elif (weights == jnp.bfloat16 and cpu_amx_linear.available()

@@ -94,7 +94,8 @@ class Engine:
             schedule_policy=args.schedule_policy,
             new_seqs_per_prefill=new_per_prefill), self.pool, self.prefix_cache, self.plan)
         self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan, act_dtype, executable_cache=(
-            ExecutableCache(cache_dir, self.mesh) if cache_dir is not None else None))
+            ExecutableCache(cache_dir, self.mesh) if cache_dir is not None else None),
+            moe_backend=args.moe_backend)
         self._leader = self._follower = None
         if args.nnodes > 1:
             addr = channel_address(args.dist_init_addr)

@@ -1,8 +1,13 @@
-"""The decoder: one Flax NNX module for Qwen3, Qwen2 and Llama, and its forward step.
+"""The decoder: one Flax NNX module for Qwen3, Qwen2, Llama and their MoE forms, and
+its forward step.
 
 Layer weights are stacked on a leading layer axis and run with ``lax.scan``,
-so compile time does not grow with depth. Every parameter carries the names
-of the mesh axes it is split over (``"tp"``), even when the mesh has one
+so compile time does not grow with depth. In MoE models the MLP weights of dense
+and sparse layers stack separately (each over its own layers, so no layer holds
+weights of both kinds); the layers run in order as one scan per run of consecutive
+layers of one kind (``ModelConfig.layer_runs``): one scan for the usual
+every-layer-sparse model, a few where ``mlp_only_layers`` interleave dense layers.
+Every parameter carries the names of the mesh axes it is split over (``"tp"``), even when the mesh has one
 device, so tensor parallelism is a matter of the mesh, not of the model.
 
 How the weights reach the matmuls (stacked or per layer, fused, XLA's dots or a
@@ -21,6 +26,8 @@ from flax import nnx
 from sgljax.engine.batch import StepBatch
 from sgljax.engine.config import ModelConfig, rope_inv_freq
 from sgljax.engine.layers import apply_rope, rms_norm, rms_norm_features, rope_cos_sin
+from sgljax.engine.moe import EXPERT_TENSORS, sparse_mlp
+from sgljax.engine.weights import DENSE_MLP_TENSORS, MOE_TENSORS, SHARED_EXPERT_TENSORS
 from sgljax.engine.weight_forms import LinearKernel, Matmuls, Weights, dense, step_matmuls
 from sgljax.kernels.paged_attention import paged_attention, write_kv
 
@@ -58,9 +65,22 @@ class DecoderLayers(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = p((L, hd), (None, None), ones=True)
             self.k_norm = p((L, hd), (None, None), ones=True)
-        self.gate_proj = p((L, f, d), (None, TP, None))
-        self.up_proj = p((L, f, d), (None, TP, None))
-        self.down_proj = p((L, d, f), (None, None, TP))
+        dense_layers, moe_layers = cfg.num_dense_layers, cfg.num_moe_layers
+        if dense_layers:  # stacked over the dense layers only
+            self.gate_proj = p((dense_layers, f, d), (None, TP, None))
+            self.up_proj = p((dense_layers, f, d), (None, TP, None))
+            self.down_proj = p((dense_layers, d, f), (None, None, TP))
+        if moe_layers:  # (L_moe, E, out, in): experts' matmul dims split over tp like dense MLPs
+            E, fm, fs = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+            self.router = p((moe_layers, E, d), (None, None, None))
+            self.expert_gate_proj = p((moe_layers, E, fm, d), (None, None, TP, None))
+            self.expert_up_proj = p((moe_layers, E, fm, d), (None, None, TP, None))
+            self.expert_down_proj = p((moe_layers, E, d, fm), (None, None, None, TP))
+            if fs:
+                self.shared_gate_proj = p((moe_layers, fs, d), (None, TP, None))
+                self.shared_up_proj = p((moe_layers, fs, d), (None, TP, None))
+                self.shared_down_proj = p((moe_layers, d, fs), (None, None, TP))
+                self.shared_expert_gate = p((moe_layers, 1, d), (None, None, None))
 
 
 class Decoder(nnx.Module):
@@ -97,6 +117,8 @@ class StepContext(NamedTuple):
     sin: jax.Array
     attention: Callable  # paged_attention or a kernel with its signature
     mm: Matmuls  # w[layer] @ x for the layer's projections
+    moe_backend: str = "grouped"  # engine/moe.py: dense | grouped
+    experts: Weights | None = None  # every sparse layer's expert weights, whole (engine/moe.py)
 
 
 def embed(top: Weights, tokens: jax.Array, dtype) -> jax.Array:
@@ -145,25 +167,56 @@ def mlp_block(ctx: StepContext, w: Weights, layer: jax.Array, h: jax.Array) -> j
     return h + ctx.mm(w, "down_proj", layer, gated)
 
 
-def decoder_layer(ctx: StepContext, carry, xs):
-    """One layer, as a ``lax.scan`` body: carry (h, k_cache, v_cache), xs (weights, layer id)."""
+def sparse_mlp_block(ctx: StepContext, w: Weights, h: jax.Array) -> jax.Array:
+    """h + the MoE block of its norm (engine/moe.py), on token-major activations."""
+    cfg = ctx.cfg
+    x = rms_norm_features(h, w["post_attn_norm"], cfg.rms_norm_eps)
+    return h + sparse_mlp(cfg, {**w, **ctx.experts}, x.T, ctx.moe_backend).T
+
+
+def decoder_layer(ctx: StepContext, carry, xs, sparse: bool = False):
+    """One layer, as a ``lax.scan`` body: carry (h, k_cache, v_cache), xs (weights, layer id).
+    ``sparse`` (static): an MoE layer."""
     h, k_cache, v_cache = carry
     w, layer = xs
     h, k_cache, v_cache = attention_block(ctx, w, layer, h, k_cache, v_cache)
-    h = mlp_block(ctx, w, layer, h)
+    h = sparse_mlp_block(ctx, w, h) if sparse else mlp_block(ctx, w, layer, h)
     return (h, k_cache, v_cache), None
+
+
+# The MLP weights of each kind of layer (sparse: True), each stacked over that kind only.
+_MLP_TENSORS = {False: set(DENSE_MLP_TENSORS),
+                True: set(MOE_TENSORS) | set(SHARED_EXPERT_TENSORS)}
+
+
+def _run_weights(layers: Weights, sparse: bool, first: int, count: int, kind_first: int) -> Weights:
+    """One run's slice of the stacked weights: attention ones by model layer, MLP ones by
+    the layer's place in its kind's stack. A run over a whole stack takes it as it is
+    (dense models, every-layer-sparse ones); shorter runs slice it."""
+    out = {"moe_layer": jnp.arange(kind_first, kind_first + count)} if sparse else {}
+    for name, w in layers.items():
+        if name in _MLP_TENSORS[not sparse] or name in EXPERT_TENSORS:  # experts: StepContext
+            continue
+        start = kind_first if name in _MLP_TENSORS[sparse] else first
+        out[name] = w if (start, count) == (0, w.shape[0]) else w[start:start + count]
+    return out
 
 
 def run_layers(ctx: StepContext, layers: Weights | list[Weights], layer_ids: jax.Array,
                carry):
-    """Every layer over carry (h, k_cache, v_cache): scanned over stacked weights,
-    unrolled over a list of per-layer ones."""
-    step = lambda carry, xs: decoder_layer(ctx, carry, xs)  # noqa: E731
+    """Every layer over carry (h, k_cache, v_cache): scanned over stacked weights (one
+    scan per run of dense or sparse layers), unrolled over a list of per-layer ones."""
     if isinstance(layers, dict):
-        carry, _ = jax.lax.scan(step, carry, (layers, layer_ids))
-    else:
+        ctx = ctx._replace(experts={name: layers[name] for name in EXPERT_TENSORS
+                                    if name in layers})
+        for sparse, first, count, kind_first in ctx.cfg.layer_runs():
+            step = lambda carry, xs, sparse=sparse: decoder_layer(ctx, carry, xs, sparse)  # noqa: E731
+            xs = (_run_weights(layers, sparse, first, count, kind_first),
+                  layer_ids[first:first + count] if ctx.cfg.is_moe else layer_ids)
+            carry, _ = jax.lax.scan(step, carry, xs)
+    else:  # per-layer weights: dense models only (the model runner keeps none for MoE)
         for i, w in enumerate(layers):
-            carry, _ = step(carry, (w, layer_ids[i]))
+            carry, _ = decoder_layer(ctx, carry, (w, layer_ids[i]))
     return carry
 
 
@@ -181,7 +234,8 @@ def forward(cfg: ModelConfig, kv_heads: int, top: Weights,
             k_cache: jax.Array, v_cache: jax.Array,
             layer_ids: jax.Array | None = None,
             attention_kernel=None, linear_kernel: LinearKernel | None = None,
-            act_dtype=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+            act_dtype=None, moe_backend: str = "grouped",
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache).
 
     embed → every layer (``attention_block``, ``mlp_block``) → final norm of the
@@ -210,13 +264,17 @@ def forward(cfg: ModelConfig, kv_heads: int, top: Weights,
     (bfloat16 weights on CPU, where activations stay float32) meet the activations
     in the weights' dtype at each matmul, products summed in the activations'
     (``dense``): the numerics of llama.cpp's BF16 models, and of the AMX kernel.
+
+    ``moe_backend`` (MoE models): how sparse layers compute their experts, dense or
+    grouped (engine/moe.py).
     """
     dtype = act_dtype or top["embed"].dtype
     s, qn = batch.tokens.shape
     h = embed(top, batch.tokens, dtype)  # (D, N)
     cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
     layers, mm = step_matmuls(layers, linear_kernel, s, qn)
-    ctx = StepContext(cfg, kv_heads, batch, cos, sin, attention_kernel or paged_attention, mm)
+    ctx = StepContext(cfg, kv_heads, batch, cos, sin, attention_kernel or paged_attention, mm,
+                      moe_backend)
     if layer_ids is None:
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     h, k_cache, v_cache = run_layers(ctx, layers, layer_ids, (h, k_cache, v_cache))

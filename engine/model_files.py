@@ -47,7 +47,11 @@ def prepare_gguf_folder(gguf_path: Path, out: Path) -> Path:
         return out
     from safetensors.numpy import save_file
 
-    config, get = gguf_getter(gguf_path)
+    try:
+        config, get = gguf_getter(gguf_path)
+    except (ValueError, IndexError, KeyError, EOFError) as e:  # gguf's reader on a cut file
+        raise ValueError(f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                         "it may be truncated or half-downloaded: download it again") from None
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -54,7 +54,7 @@ class Launched:
     shape: tuple = ()  # the step's (S, Q) bucket
 
 
-def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
+def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, moe_backend, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
     # Rows whose input token the previous step sampled take it from the device.
     fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
     first = jnp.where(batch.prev_rows >= 0, fed, batch.tokens[:, 0])
@@ -63,7 +63,8 @@ def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, weights, k_
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
     layers = per_layer if per_layer and batch.tokens.shape == (1, 1) else stacked
     logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
-                                       layer_ids, attention_kernel, linear_kernel, act_dtype)
+                                       layer_ids, attention_kernel, linear_kernel, act_dtype,
+                                       moe_backend)
     out = sample(logits, sbatch, adjust)
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
     return out, last_tokens, k_cache, v_cache
@@ -71,7 +72,8 @@ def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, weights, k_
 
 class ModelRunner:
     def __init__(self, model: Decoder, mesh, kv_spec: KVCacheSpec, plan: BucketPlan,
-                 act_dtype=None, executable_cache: ExecutableCache | None = None):
+                 act_dtype=None, executable_cache: ExecutableCache | None = None,
+                 moe_backend: str = "grouped"):
         self.mesh = mesh
         self.kv_spec = kv_spec
         self.plan = plan
@@ -90,10 +92,11 @@ class ModelRunner:
             stacked = jax.jit(fuse_projections)(stacked)
         # Without the matmul kernel, a single decoding sequence on CPU runs its layers
         # unrolled over a second, per-layer copy of the weights: 17% faster at batch 1
-        # (engine/model.py's forward says why), slower from batch 2 up.
+        # (engine/model.py's forward says why), slower from batch 2 up. Not for MoE
+        # models, whose dense and sparse layers stack apart.
         per_layer = (jax.jit(unstack_layers)(stacked)
                      if mesh.devices.flat[0].platform == "cpu" and not self.linear_kernel
-                     else [])
+                     and not model.cfg.is_moe else [])
         layer_ids = global_array(np.arange(model.cfg.num_layers, dtype=np.int32),
                                  NamedSharding(mesh, P()))
         self.state = (top, stacked, per_layer, layer_ids)
@@ -104,7 +107,7 @@ class ModelRunner:
         self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
         self._last_rows: dict[str, int] = {}
         self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, act_dtype,
-                                     self.attention_kernel, self.linear_kernel),
+                                     self.attention_kernel, self.linear_kernel, moe_backend),
                              donate_argnums=(1, 2, 3),
                              out_shardings=((replicated,) * 4, replicated, kv_sharding,
                                             kv_sharding))

@@ -60,7 +60,7 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1"),
             (self.temperature >= 0, "temperature", "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
-            (self.top_k >= -1, "top_k", "top_k must be -1, 0 or positive"),
+            (-1 <= self.top_k < 2 ** 31, "top_k", "top_k must be -1, 0 or positive (below 2**31)"),
             (0 <= self.min_p <= 1, "min_p", "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty",

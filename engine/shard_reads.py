@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from sgljax.engine.config import ModelConfig
-from sgljax.engine.weights import KV_HEAD_TENSORS, LAYER_TENSORS, WeightsError, expected_shapes
+from sgljax.engine.weights import (KV_HEAD_TENSORS, WeightsError, expected_shapes, safe_open,
+                                   hf_layer_names, per_expert, stacked_layers)
 
 Index = tuple[slice, ...]
 
@@ -73,8 +74,6 @@ class SafetensorsSlices:
 
     def _open(self, file: Path):
         if file not in self._handles:
-            from safetensors import safe_open
-
             self._handles[file] = safe_open(file, framework="numpy")
         return self._handles[file]
 
@@ -136,20 +135,24 @@ class ShardReader:
         return self._read_layers(name.removeprefix("layers."), index)
 
     def _read_layers(self, short: str, index: Index) -> np.ndarray:
-        """A stacked parameter: the slice index[1:] of each layer in index[0], one layer at a time."""
-        hf_name = LAYER_TENSORS[short]
-        layers, inner = range(*index[0].indices(self.cfg.num_layers)), index[1:]
+        """A stacked parameter: the slice index[1:] of each layer in index[0], one layer at a
+        time (expert tensors: index[1] picks experts, index[2:] their slice)."""
+        layers = stacked_layers(self.cfg, short)[index[0]]  # model layers of this stack's slice
+        experts = per_expert(short)
+        pick_experts, inner = (index[1], index[2:]) if experts else (slice(None), index[1:])
         pick = None
         if short in KV_HEAD_TENSORS and self.kv_heads != self.cfg.num_kv_heads:
             inner, pick = self._source_heads(inner)
         out = None
         for j, layer in enumerate(layers):
-            w = self.source.read(f"model.layers.{layer}.{hf_name}", inner)
-            if pick is not None:
-                w = np.take(w, pick, axis=0)
-            if out is None:
-                out = np.empty((len(layers), *w.shape), dtype=self.dtype)
-            out[j] = w  # the cast happens in this copy
+            for e, hf_name in enumerate(hf_layer_names(self.cfg, short, layer)[pick_experts]):
+                w = self.source.read(hf_name, inner)
+                if pick is not None:
+                    w = np.take(w, pick, axis=0)
+                if out is None:
+                    lead = (len(layers), len(range(self.cfg.num_experts)[pick_experts]))
+                    out = np.empty((*lead[:1 + experts], *w.shape), dtype=self.dtype)
+                out[(j, e) if experts else j] = w  # the cast happens in this copy
         return out
 
     def _source_heads(self, inner: Index) -> tuple[Index, np.ndarray]:

@@ -34,6 +34,23 @@ LAYER_TENSORS = {
     "down_proj": "mlp.down_proj.weight",
 }
 KV_HEAD_TENSORS = {"k_proj", "v_proj", "k_bias", "v_bias"}
+DENSE_MLP_TENSORS = ("gate_proj", "up_proj", "down_proj")  # stacked over the dense layers only
+# Sparse layers' tensors, stacked over the sparse layers only. Expert ones ("{e}") gain an
+# expert axis after the layer axis: (L_moe, E, out, in).
+MOE_TENSORS = {
+    "router": "mlp.gate.weight",
+    "expert_gate_proj": "mlp.experts.{e}.gate_proj.weight",
+    "expert_up_proj": "mlp.experts.{e}.up_proj.weight",
+    "expert_down_proj": "mlp.experts.{e}.down_proj.weight",
+}
+SHARED_EXPERT_TENSORS = {  # Qwen2-MoE
+    "shared_gate_proj": "mlp.shared_expert.gate_proj.weight",
+    "shared_up_proj": "mlp.shared_expert.up_proj.weight",
+    "shared_down_proj": "mlp.shared_expert.down_proj.weight",
+    "shared_expert_gate": "mlp.shared_expert_gate.weight",
+}
+LAYER_TENSORS.update(MOE_TENSORS)
+LAYER_TENSORS.update(SHARED_EXPERT_TENSORS)
 
 
 class WeightsError(ValueError):
@@ -41,13 +58,40 @@ class WeightsError(ValueError):
 
 
 def layer_tensor_names(cfg: ModelConfig) -> list[str]:
-    names = ["input_norm", "post_attn_norm", "q_proj", "k_proj", "v_proj", "o_proj",
-             "gate_proj", "up_proj", "down_proj"]
+    names = ["input_norm", "post_attn_norm", "q_proj", "k_proj", "v_proj", "o_proj"]
+    if cfg.num_dense_layers:
+        names += list(DENSE_MLP_TENSORS)
     if cfg.qkv_bias:
         names += ["q_bias", "k_bias", "v_bias"]
     if cfg.qk_norm:
         names += ["q_norm", "k_norm"]
+    if cfg.is_moe:
+        names += list(MOE_TENSORS)
+        if cfg.shared_expert_intermediate_size:
+            names += list(SHARED_EXPERT_TENSORS)
     return names
+
+
+def stacked_layers(cfg: ModelConfig, name: str) -> list[int]:
+    """The model layers whose tensors engine parameter ``name`` stacks, in order."""
+    if name in DENSE_MLP_TENSORS and cfg.is_moe:
+        return [i for i, sparse in enumerate(cfg.moe_layers) if not sparse]
+    if name in MOE_TENSORS or name in SHARED_EXPERT_TENSORS:
+        return [i for i, sparse in enumerate(cfg.moe_layers) if sparse]
+    return list(range(cfg.num_layers))
+
+
+def per_expert(name: str) -> bool:
+    return "{e}" in LAYER_TENSORS[name]
+
+
+def hf_layer_names(cfg: ModelConfig, name: str, layer: int) -> list[str]:
+    """HF names of one layer's part of engine parameter ``name``: one per expert for
+    expert tensors (hub checkpoints and save_pretrained store them per expert)."""
+    suffix = LAYER_TENSORS[name]
+    if per_expert(name):
+        return [f"model.layers.{layer}.{suffix.format(e=e)}" for e in range(cfg.num_experts)]
+    return [f"model.layers.{layer}.{suffix}"]
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -60,12 +104,19 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "v_bias": (kvd,), "q_norm": (hd,), "k_norm": (hd,), "gate_proj": (f, d),
         "up_proj": (f, d), "down_proj": (d, f),
     }
+    fm, fs = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    per_layer.update({
+        "router": (cfg.num_experts, d), "expert_gate_proj": (fm, d), "expert_up_proj": (fm, d),
+        "expert_down_proj": (d, fm), "shared_gate_proj": (fs, d), "shared_up_proj": (fs, d),
+        "shared_down_proj": (d, fs), "shared_expert_gate": (1, d),
+    })
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    for i in range(cfg.num_layers):
-        for name in layer_tensor_names(cfg):
-            shapes[f"model.layers.{i}.{LAYER_TENSORS[name]}"] = per_layer[name]
+    for name in layer_tensor_names(cfg):
+        for i in stacked_layers(cfg, name):
+            for hf in hf_layer_names(cfg, name, i):
+                shapes[hf] = per_layer[name]
     return shapes
 
 
@@ -107,24 +158,36 @@ def engine_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], kv_heads:
 
 def _stack_layers(cfg: ModelConfig, fetch: Callable[[str], np.ndarray], name: str,
                   kv_heads: int, dtype) -> np.ndarray:
-    """One engine parameter: every layer's tensor, filled into one preallocated array."""
-    hf_name = LAYER_TENSORS[name]
+    """One engine parameter: every layer's tensor (each expert's, for expert tensors),
+    filled into one preallocated array."""
+    layers = stacked_layers(cfg, name)
+    lead = (len(layers), cfg.num_experts) if per_expert(name) else (len(layers),)
     stacked = None
-    for i in range(cfg.num_layers):
-        w = fetch(f"model.layers.{i}.{hf_name}").astype(dtype, copy=False)
-        if name in KV_HEAD_TENSORS:
-            w = replicate_kv_heads(w, cfg.num_kv_heads, kv_heads, cfg.head_dim)
-        if stacked is None:  # np.stack of a list would hold every layer twice
-            stacked = np.empty((cfg.num_layers, *w.shape), dtype=w.dtype)
-        stacked[i] = w
+    for j, layer in enumerate(layers):
+        for e, hf_name in enumerate(hf_layer_names(cfg, name, layer)):
+            w = fetch(hf_name).astype(dtype, copy=False)
+            if name in KV_HEAD_TENSORS:
+                w = replicate_kv_heads(w, cfg.num_kv_heads, kv_heads, cfg.head_dim)
+            if stacked is None:  # np.stack of a list would hold every layer twice
+                stacked = np.empty((*lead, *w.shape), dtype=w.dtype)
+            stacked[(j, e) if per_expert(name) else j] = w
     return stacked
 
 
 # -- safetensors -------------------------------------------------------------
 
-def safetensors_getter(folder: Path) -> Callable[[str], np.ndarray]:
-    from safetensors import safe_open
+def safe_open(path: Path, framework: str = "numpy"):
+    """safetensors' ``safe_open``, a damaged file a WeightsError that names it."""
+    import safetensors
 
+    try:
+        return safetensors.safe_open(path, framework=framework)
+    except safetensors.SafetensorError as e:
+        raise WeightsError(f"cannot read the weights in {path} ({e}): the file is half-written "
+                           "or corrupt; download or convert it again") from None
+
+
+def safetensors_getter(folder: Path) -> Callable[[str], np.ndarray]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{folder}: no *.safetensors weights")

@@ -27,6 +27,7 @@ from sgljax.server.metrics import ServerMetrics
 from sgljax.server.native_routes import router as native_router
 from sgljax.server.openai_adapters import Limits
 from sgljax.server.openai_routes import router as openai_router
+from sgljax.server.openapi import install_openapi
 
 log = logging.getLogger("sgljax.server")
 OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load-balancer probes)
@@ -89,6 +90,7 @@ def build_app(engine_args: EngineArgs, server_args: ServerArgs,
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(native_router)
+    install_openapi(app)
     if server_args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_args.api_key)
     return app
@@ -158,6 +160,8 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs,
     """Load, warm up, serve until SIGTERM / SIGINT; returns after a graceful shutdown."""
     import uvicorn
 
+    from sgljax.server.slow_clients import header_deadline_protocol
+
     server_args.validate()
     configure_logging(server_args.log_level)
     # SIGTERM while loading or compiling: leave at once, exit status 0.
@@ -175,12 +179,18 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs,
         config = uvicorn.Config(app, host=server_args.host, port=server_args.port,
                                 log_level=server_args.log_level.lower(),
                                 timeout_graceful_shutdown=grace + 5,  # backstop; see below
+                                http=header_deadline_protocol(server_args.request_timeout),
                                 access_log=server_args.log_level.lower() == "debug")
         server = _graceful_server(config, app.state.ctx.bridge, grace)
-        # uvicorn re-raises the signal it caught after its graceful shutdown; with this
-        # no-op handler in place, that re-raise does nothing and we return normally.
+        # uvicorn re-raises the signal it caught after its graceful shutdown; with these
+        # no-op handlers in place, that re-raise does nothing and we return normally: a
+        # drained SIGINT (Ctrl-C) exits 0 like SIGTERM, not 130 through KeyboardInterrupt.
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        server.run()
+        previous_int = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        try:
+            server.run()
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
         engine.shutdown()  # multi-host: release the followers
         if not server.started:
             raise OSError(f"could not serve on {server_args.host}:{server_args.port} "

@@ -20,6 +20,8 @@ class ServerArgs:
     log_level: str = "info"
     max_request_bytes: int = MAX_BODY_BYTES
     graceful_shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
+    # seconds a client has to send a request's headers, and again its body (408 after)
+    request_timeout: float = 30.0
     # "qwen3": chat answers carry <think>…</think> as reasoning_content (server/reasoning_parser.py)
     reasoning_parser: str | None = None
 
@@ -32,6 +34,8 @@ class ServerArgs:
                                           "trace"):
             raise ValueError(f"--log-level {self.log_level!r}: use debug, info, warning, "
                              "error or critical")
+        if not self.request_timeout > 0:
+            raise ValueError("--request-timeout must be > 0")
         if self.graceful_shutdown_timeout < 0:
             raise ValueError("--graceful-shutdown-timeout must be >= 0")
         if self.reasoning_parser not in (None, *REASONING_PARSERS):

@@ -7,8 +7,10 @@ with a 500 or FastAPI's own 422 shape.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -18,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+MAX_JSON_DEPTH = 64  # no request body nests deeper; deeper would reach Python's recursion limit
 
 
 class APIError(Exception):
@@ -76,20 +79,19 @@ def validation_error(err: ValidationError) -> APIError:
     return bad_request(f"Invalid value for {where}{first['msg']}", param)
 
 
-async def read_model(request: Request, model: type[BaseModel], max_bytes: int) -> BaseModel:
-    """Parse the body into ``model``: 413 if too large, 400 for anything malformed."""
+async def read_model(request: Request, model: type[BaseModel], max_bytes: int,
+                     timeout: float | None = None) -> BaseModel:
+    """Parse the body into ``model``: 413 if too large, 408 if it does not arrive within
+    ``timeout`` seconds, 400 for anything malformed."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"request body is larger than {max_bytes} bytes",
                        code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"request body is larger than {max_bytes} bytes",
-                           code="request_too_large")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    try:
+        raw = await asyncio.wait_for(_read_body(request, max_bytes), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s",
+                       code="request_timeout") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -97,9 +99,15 @@ async def read_model(request: Request, model: type[BaseModel], max_bytes: int) -
     if not text.strip():
         raise bad_request("the request body is empty; expected a JSON object")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise bad_request(f"malformed JSON in the request body: {e}") from None
+    except RecursionError:
+        raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # NaN / Infinity, or an integer too long to convert
+        raise bad_request(f"invalid number in the request body: {e}") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     try:
@@ -108,10 +116,64 @@ async def read_model(request: Request, model: type[BaseModel], max_bytes: int) -
         raise validation_error(e) from None
 
 
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"request body is larger than {max_bytes} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as infinity
+        raise ValueError(f"{text} is out of a float's range")
+    return value
+
+
+def _depth(data) -> int:
+    """How deeply lists and objects nest (iteratively: no recursion on hostile input).
+    A string with a lone surrogate (JSON's "\\ud800": not Unicode text) is a 400 here."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, str):
+            _check_text(node)
+        elif isinstance(node, (list, dict)):
+            deepest = max(deepest, d)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            if isinstance(node, dict):
+                stack.extend((k, d) for k in node)
+                stack.extend((v, d + 1) for v in node.values())
+            else:
+                stack.extend((v, d + 1) for v in node)
+    return deepest
+
+
+def _check_text(text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"a string in the request body is not valid Unicode ({e.reason} at "
+                          f"character {e.start}: a lone UTF-16 surrogate)") from None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        # A 408 leaves the body unread: the connection cannot carry another request.
+        headers = {"connection": "close"} if exc.status == 408 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

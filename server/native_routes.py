@@ -30,7 +30,8 @@ def _ctx(request: Request) -> ServerContext:
 async def generate(request: Request):
     arrival = time.monotonic()
     ctx = _ctx(request)
-    req = await read_model(request, GenerateRequest, ctx.server_args.max_request_bytes)
+    req = await read_model(request, GenerateRequest, ctx.server_args.max_request_bytes,
+                           ctx.server_args.request_timeout)
     prep = await run_in_threadpool(prepare_generate, ctx.tokenizer, req, ctx.limits)
     rid, handle, states = ctx.submit("gen", req.rid, prep, arrival)
     single = len(states) == 1 and not isinstance(req.text, list) and not (

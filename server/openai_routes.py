@@ -58,7 +58,8 @@ def _model_card(ctx: ServerContext) -> dict:
 async def chat_completions(request: Request):
     arrival = time.monotonic()
     ctx = _ctx(request)
-    req = await read_model(request, ChatCompletionRequest, ctx.server_args.max_request_bytes)
+    req = await read_model(request, ChatCompletionRequest, ctx.server_args.max_request_bytes,
+                           ctx.server_args.request_timeout)
     check_model_name(req.model, ctx.served_names)
     prep = await run_in_threadpool(prepare_chat, ctx.tokenizer, req, ctx.limits)
     rid, handle, states = ctx.submit("chatcmpl", req.rid, prep, arrival)
@@ -132,7 +133,8 @@ async def _chat_events(ctx: ServerContext, rid: str, created: int, handle: Reque
 async def completions(request: Request):
     arrival = time.monotonic()
     ctx = _ctx(request)
-    req = await read_model(request, CompletionRequest, ctx.server_args.max_request_bytes)
+    req = await read_model(request, CompletionRequest, ctx.server_args.max_request_bytes,
+                           ctx.server_args.request_timeout)
     check_model_name(req.model, ctx.served_names)
     prep = await run_in_threadpool(prepare_completion, ctx.tokenizer, req, ctx.limits)
     rid, handle, states = ctx.submit("cmpl", req.rid, prep, arrival)

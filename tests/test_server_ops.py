@@ -124,3 +124,53 @@ def test_default_model_answers_paris():
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
     finally:
         srv.stop()
+
+
+def _stream_lines(url: str, body: dict, started: threading.Event, lines: list[str]):
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+    except httpx.HTTPError as e:
+        lines.append(f"transport error: {e!r}")
+        started.set()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_drains_short_streams_refuses_new_ones_and_exits_zero(tiny_models, sig):
+    """A signal while requests stream: the listener closes at once, streams that finish
+    within the drain timeout finish whole, the process exits 0 promptly."""
+    import signal as signals
+
+    srv = ServerProcess(tiny_models["qwen3"], *TINY_SERVER_ARGS,
+                        "--graceful-shutdown-timeout", "30")
+    try:
+        body = {"prompt": "Drain me", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        runs = [(threading.Event(), []) for _ in range(3)]
+        threads = [threading.Thread(target=_stream_lines, args=(srv.url, body, ev, lines))
+                   for ev, lines in runs]
+        for t in threads:
+            t.start()
+        assert all(ev.wait(60) for ev, _ in runs)
+        t0 = time.monotonic()
+        srv.proc.send_signal(getattr(signals, sig))
+        time.sleep(0.5)
+        with pytest.raises(httpx.HTTPError):  # not accepting: refused, or closed unanswered
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "late", "max_tokens": 1},
+                           timeout=10)
+            if r.status_code == 503:  # accepted just before the listener closed: refused
+                raise httpx.HTTPError("503")
+        assert srv.proc.wait(40) == 0, srv.output()
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(30)
+        for _, lines in runs:
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            finals = [l for l in lines if '"finish_reason":"length"' in l]
+            assert finals, lines[-3:]  # finished whole, not aborted
+        assert took < 30, f"exit took {took:.1f} s"
+    finally:
+        srv.stop()

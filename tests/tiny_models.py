@@ -71,3 +71,29 @@ def hf_last_logits(model_dir: Path, ids: list[int]):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0, -1].numpy()
+
+
+MOE_ARCHS = {"qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3"),
+             "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "qwen2")}
+
+
+def build_tiny_moe_model(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random mixture-of-experts model (qwen3_moe | qwen2_moe) with the Qwen3
+    tokenizer; ``overrides`` set num_experts, num_experts_per_tok, mlp_only_layers..."""
+    import torch
+    import transformers as tf
+
+    config_cls, model_cls, base = MOE_ARCHS[arch]
+    moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == "qwen2_moe":
+        moe.update(shared_expert_intermediate_size=48)
+    moe.update(overrides)
+    torch.manual_seed(seed)
+    config = getattr(tf, config_cls)(**tiny_config(base, **moe))
+    model = getattr(tf, model_cls)(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in QWEN_TOKENIZER_FILES:
+        shutil.copy(qwen_tokenizer_dir() / name, out / name)
+    return out
