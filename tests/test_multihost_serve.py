@@ -78,3 +78,30 @@ def test_two_host_server(tiny_models):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_sigterm_to_rank_0_ends_every_rank(tiny_models):
+    """A graceful stop of a multi-host server: rank 0 drains, releases the follower, and
+    both processes exit (rank 0 with status 0) instead of the follower waiting forever."""
+    model = tiny_models["llama"]
+    port, dist_port = free_port(), free_port()
+    logs = [tempfile.NamedTemporaryFile("w+", suffix=f"-rank{r}.log") for r in (0, 1)]
+    procs = [_start(model, r, port, dist_port, logs[r]) for r in (0, 1)]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_health(url, procs)
+        r = httpx.post(url + "/generate", timeout=120, json={
+            "input_ids": _prompts()[0], "sampling_params": {"max_new_tokens": 4}})
+        assert r.status_code == 200, r.text
+        procs[0].send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        codes = [p.wait(timeout=90) for p in procs]
+        logs[1].seek(0)
+        assert codes[0] == 0, logs[0].seek(0) or logs[0].read()[-3000:]
+        assert codes[1] == 0, logs[1].read()[-3000:]
+        assert time.monotonic() - t0 < 60
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
