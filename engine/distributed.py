@@ -86,6 +86,7 @@ class Leader:
     def __init__(self, addr: tuple[str, int], nnodes: int, on_lost=None, accept_timeout_s=120):
         self.on_lost = on_lost
         self._lock = threading.Lock()
+        self._closing = False  # "shutdown" sent: followers leaving is expected now
         server = socket.create_server(("0.0.0.0", addr[1]), reuse_port=False)
         server.settimeout(accept_timeout_s)
         self.peers: dict[int, socket.socket] = {}
@@ -105,6 +106,8 @@ class Leader:
         threading.Thread(target=self._heartbeat, daemon=True).start()
 
     def _lost(self, rank: int, why: str) -> None:
+        if self._closing:
+            return
         if self.on_lost:
             self.on_lost(rank)
         _die(f"lost rank {rank} ({why}); shutting down")
@@ -119,12 +122,15 @@ class Leader:
             self._lost(rank, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
 
     def _heartbeat(self) -> None:
-        while True:
+        while not self._closing:
             time.sleep(HEARTBEAT_S)
             self.send("heartbeat")
 
     def send(self, kind: str, arrays: dict[str, np.ndarray] | None = None) -> None:
         with self._lock:
+            if self._closing:
+                return
+            self._closing = kind == "shutdown"
             for rank, conn in self.peers.items():
                 try:
                     _send_msg(conn, kind, arrays)
