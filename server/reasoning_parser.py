@@ -9,7 +9,7 @@ leaks into either field.
 from __future__ import annotations
 
 
-def _held_back(text: str, tag: str) -> int:
+def held_back(text: str, tag: str) -> int:
     """How many characters at the end of ``text`` could begin ``tag``."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
@@ -45,7 +45,7 @@ class Qwen3ReasoningParser:
             elif self.in_reasoning:
                 at = self._pending.find(self.END)
                 if at < 0:
-                    keep = _held_back(self._pending, self.END)
+                    keep = held_back(self._pending, self.END)
                     reasoning.append(self._pending[:len(self._pending) - keep])
                     self._pending = self._pending[len(self._pending) - keep:]
                     break

@@ -14,6 +14,8 @@ import json
 import uuid
 from dataclasses import dataclass
 
+from sgljax.server.reasoning_parser import held_back
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -25,13 +27,6 @@ class ToolCall:
     def to_openai(self) -> dict:
         return {"index": self.index, "id": self.id, "type": "function",
                 "function": {"name": self.name, "arguments": self.arguments}}
-
-
-def _held_back(text: str, tag: str) -> int:
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 def _parse_call(body: str) -> tuple[str, str] | None:
@@ -81,7 +76,7 @@ class HermesToolParser:
             else:
                 at = self._pending.find(self.START)
                 if at < 0:
-                    keep = _held_back(self._pending, self.START)
+                    keep = held_back(self._pending, self.START)
                     content.append(self._pending[:len(self._pending) - keep])
                     self._pending = self._pending[len(self._pending) - keep:]
                     break
