@@ -2,13 +2,13 @@
 rank 0 with the same greedy outputs as one process at TP=4; rank 0 losing its follower
 turns /health unhealthy and exits non-zero."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -49,16 +49,33 @@ def _wait_health(url, procs, timeout=240):
     raise TimeoutError("rank 0 never became healthy")
 
 
+@contextlib.contextmanager
+def _two_hosts(model):
+    """A 2-process server, healthy; yields (url, port, processes, logs); kills what is left."""
+    port, dist_port = free_port(), free_port()
+    logs = [tempfile.NamedTemporaryFile("w+", suffix=f"-rank{r}.log") for r in (0, 1)]
+    procs = [_start(model, r, port, dist_port, logs[r]) for r in (0, 1)]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_health(url, procs)
+        yield url, port, procs, logs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _log(log) -> str:
+    log.seek(0)
+    return log.read()
+
+
 def test_two_host_server(tiny_models):
     model = tiny_models["llama"]
     expected = [o["token_ids"] for o in Engine(model_path=str(model), tp_size=4, **ENGINE).generate(
         _prompts(), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))]
-    port, dist_port = free_port(), free_port()
-    logs = [tempfile.NamedTemporaryFile("w+", suffix=f"-rank{r}.log") for r in (0, 1)]
-    procs = [_start(model, r, port, dist_port, logs[r]) for r in (0, 1)]
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_health(url, procs)
+    with _two_hosts(model) as (url, port, procs, logs):
         # the follower answers /health on --port + its rank
         assert httpx.get(f"http://127.0.0.1:{port + 1}/health", timeout=5).status_code == 200
         for ids, want in zip(_prompts(), expected):
@@ -71,37 +88,19 @@ def test_two_host_server(tiny_models):
         t0 = time.monotonic()
         rc = procs[0].wait(timeout=60)
         assert rc != 0 and time.monotonic() - t0 < 30
-        logs[0].seek(0)
-        assert "lost rank 1" in logs[0].read()
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        assert "lost rank 1" in _log(logs[0])
 
 
 def test_sigterm_to_rank_0_ends_every_rank(tiny_models):
     """A graceful stop of a multi-host server: rank 0 drains, releases the follower, and
     both processes exit (rank 0 with status 0) instead of the follower waiting forever."""
-    model = tiny_models["llama"]
-    port, dist_port = free_port(), free_port()
-    logs = [tempfile.NamedTemporaryFile("w+", suffix=f"-rank{r}.log") for r in (0, 1)]
-    procs = [_start(model, r, port, dist_port, logs[r]) for r in (0, 1)]
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_health(url, procs)
+    with _two_hosts(tiny_models["llama"]) as (url, _, procs, logs):
         r = httpx.post(url + "/generate", timeout=120, json={
             "input_ids": _prompts()[0], "sampling_params": {"max_new_tokens": 4}})
         assert r.status_code == 200, r.text
         procs[0].send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         codes = [p.wait(timeout=90) for p in procs]
-        logs[1].seek(0)
-        assert codes[0] == 0, logs[0].seek(0) or logs[0].read()[-3000:]
-        assert codes[1] == 0, logs[1].read()[-3000:]
+        assert codes[0] == 0, _log(logs[0])[-3000:]
+        assert codes[1] == 0, _log(logs[1])[-3000:]
         assert time.monotonic() - t0 < 60
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
