@@ -41,12 +41,12 @@ def device_step_ms(engine: Engine, seqs, iters: int) -> float:
     """The engine's current decode batch, packed once and executed back to back."""
     runner = engine.runner
     sched = engine.scheduler._schedule_decode()
-    batch, sbatch, adjust = runner.pack(sched)
+    batch, sbatch, adjust, grammar = runner.pack(sched)
     batch.prev_rows[:] = -1  # the tokens are on the host already; no effect on the time
-    runner.execute(batch, sbatch, adjust)
+    runner.execute(batch, sbatch, adjust, grammar)
     t0 = time.perf_counter()
     for _ in range(iters):
-        runner.execute(batch, sbatch, adjust)
+        runner.execute(batch, sbatch, adjust, grammar)
     return (time.perf_counter() - t0) / iters * 1000
 
 

@@ -28,6 +28,9 @@ def serve(
     reasoning_parser: Optional[str] = typer.Option(
         None, "--reasoning-parser",
         help="qwen3: chat answers carry <think>...</think> as reasoning_content."),
+    tool_call_parser: Optional[str] = typer.Option(
+        None, "--tool-call-parser",
+        help="hermes | qwen25: parse <tool_call> blocks into tool_calls (tool_choice auto)."),
     graceful_shutdown_timeout: float = typer.Option(
         10.0, "--graceful-shutdown-timeout",
         help="On SIGTERM, seconds in-flight requests get to finish before they are aborted."),
@@ -46,7 +49,8 @@ def serve(
                                  log_level=log_level,
                                  graceful_shutdown_timeout=graceful_shutdown_timeout,
                                  request_timeout=request_timeout,
-                                 reasoning_parser=reasoning_parser).validate()
+                                 reasoning_parser=reasoning_parser,
+                                 tool_call_parser=tool_call_parser).validate()
         with warmup_progress(quiet=skip_server_warmup or engine_args.node_rank > 0) as progress:
             run_server(engine_args, server_args, progress=progress)
 

@@ -70,3 +70,14 @@ class LogitAdjust:
     bias: jax.Array  # (S, V) float32 additive: presence/frequency penalty, logit_bias, min_tokens
     seen: jax.Array  # (S, V) bool tokens the repetition penalty applies to
     repetition_penalty: jax.Array  # (S,) float32; 1 → off
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class GrammarMask:
+    """Constrained decoding's allowed next tokens (engine/grammar.py): one bit per token
+    id, packed 32 to an int32; rows without a grammar are all ones. ``active`` is False
+    (and the all-ones rows kept on the device) when no request in the step has one."""
+
+    active: jax.Array  # () bool
+    bits: jax.Array  # (S, ceil(V / 32)) int32

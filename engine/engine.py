@@ -24,6 +24,7 @@ from sgljax.engine.loader import load_model
 from sgljax.engine.model_files import resolve_model_path
 from sgljax.engine.mesh import make_mesh
 from sgljax.engine.executable_cache import ExecutableCache
+from sgljax.engine.grammar import GrammarCompiler
 from sgljax.engine.generation_defaults import read_generation_defaults
 from sgljax.engine.distributed import Follower, Leader, channel_address, init_distributed
 from sgljax.engine.batch import ScheduledBatch
@@ -72,6 +73,8 @@ class Engine:
         self.limits = RequestLimits(self.context_length, cfg.vocab_size)
         self.eos_ids = frozenset(cfg.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        # Constrained decoding (response_format, tool_choice): grammars over this vocabulary.
+        self.grammars = GrammarCompiler(self.tokenizer.hf, cfg.vocab_size, sorted(self.eos_ids))
         ps = args.page_size
         max_pages_per_seq = -(-self.context_length // ps)
         on_cpu = self.mesh.devices.flat[0].platform == "cpu"
@@ -149,7 +152,9 @@ class Engine:
             params.seed = self._rng.getrandbits(32)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_ids)
-        seq = Sequence(prompt_ids=ids, params=params, stop_ids=stop_ids)
+        grammar = (self.grammars.matcher(params.constraint)
+                   if params.constraint is not None else None)
+        seq = Sequence(prompt_ids=ids, params=params, stop_ids=stop_ids, grammar=grammar)
         if rid is not None:
             seq.rid = rid
         self._detok[seq.rid] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
@@ -186,8 +191,9 @@ class Engine:
         runs step N (step N+1's decode rows take their input tokens from step N on the
         device), then lands step N (copies its tokens, detokenizes, checks stops) while
         the device runs step N+1. A sequence that step N ends (EOS, a stop string) is
-        already in step N+1: that one extra token is dropped. Penalties need every token
-        on the host, so while a running request has them each step lands at once.
+        already in step N+1: that one extra token is dropped. Penalties and grammars need
+        every token on the host, so while a running request has them each step lands at
+        once.
         """
         results = []
         prepare_started = time.monotonic()
@@ -208,7 +214,8 @@ class Engine:
 
     def _may_overlap(self) -> bool:
         return not self.args.disable_overlap_schedule and not any(
-            needs_logit_adjust(s.params) for s in self.scheduler.running)
+            needs_logit_adjust(s.params) or s.grammar is not None
+            for s in self.scheduler.running)
 
     def _pop_in_flight(self) -> InFlight:
         in_flight, self._in_flight = self._in_flight, None

@@ -1,7 +1,7 @@
 """Runs a scheduled batch on the device: pack arrays, call the jitted step, unpack.
 
 The step is one pure function of (weights, K cache, V cache, last sampled
-tokens, StepBatch, SamplingBatch[, LogitAdjust]); the caches are donated so XLA
+tokens, StepBatch, SamplingBatch, LogitAdjust, GrammarMask); the caches are donated so XLA
 updates them in place. Every batch is padded to a bucket shape from the
 ``BucketPlan``.
 
@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sgljax.engine.batch import LogitAdjust, SamplingBatch, ScheduledBatch, StepBatch
+from sgljax.engine.batch import GrammarMask, LogitAdjust, SamplingBatch, ScheduledBatch, StepBatch
 from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.executable_cache import ExecutableCache
+from sgljax.engine.grammar import fill_masks, mask_words
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.mesh import global_array
 from sgljax.engine import cpu_kernels
@@ -54,7 +55,7 @@ class Launched:
     shape: tuple = ()  # the step's (S, Q) bucket
 
 
-def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, moe_backend, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust):
+def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, moe_backend, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust, grammar):
     # Rows whose input token the previous step sampled take it from the device.
     fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
     first = jnp.where(batch.prev_rows >= 0, fed, batch.tokens[:, 0])
@@ -65,7 +66,7 @@ def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, moe_backend
     logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
                                        layer_ids, attention_kernel, linear_kernel, act_dtype,
                                        moe_backend)
-    out = sample(logits, sbatch, adjust)
+    out = sample(logits, sbatch, adjust, grammar)
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
     return out, last_tokens, k_cache, v_cache
 
@@ -113,6 +114,7 @@ class ModelRunner:
                                             kv_sharding))
         self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers
         self._zero_adjust: dict[int, LogitAdjust] = {}
+        self._open_grammar: dict[int, GrammarMask] = {}
         self._executables: dict[tuple, object] = {}
         self.warmed_up = False
         # -- executable cache: this rank's compiled buckets on disk (None: compile every time)
@@ -120,7 +122,8 @@ class ModelRunner:
         self.loaded_after_warmup = 0  # new shapes loaded from the cache: no XLA compile counts them
 
     # -- packing -------------------------------------------------------------
-    def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust | None]:
+    def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust | None,
+                                                  GrammarMask | None]:
         ps = self.page_size
         max_pages = max(-(-(s.num_computed + n) // ps) for s, n in zip(sched.seqs, sched.chunk_lens))
         S, Q, P = self.plan.shape_for(sched.is_prefill, len(sched.seqs), max(sched.chunk_lens),
@@ -148,7 +151,8 @@ class ModelRunner:
             kv_lens[i] = start + n
             last_index[i] = n - 1
         batch = StepBatch(tokens, positions, slots, page_table, kv_lens, last_index, prev_rows)
-        return batch, self._sampling(sched.seqs, S), self._adjust(sched.seqs, S)
+        return (batch, self._sampling(sched.seqs, S), self._adjust(sched.seqs, S),
+                self._grammar(sched, S))
 
     def _sampling(self, seqs: list[Sequence], S: int) -> SamplingBatch:
         pad = S - len(seqs)
@@ -198,39 +202,63 @@ class ModelRunner:
                 bias[i, sorted(s.stop_ids)] = -np.inf
         return LogitAdjust(np.asarray(True), bias, seen, rep)
 
+    def _grammar(self, sched: ScheduledBatch, S: int) -> GrammarMask | None:
+        """Masks of the constrained rows that sample in this step (the host knows every
+        token they generated: constrained requests turn the overlap off, engine.py)."""
+        if not any(s.grammar is not None for s in sched.seqs):
+            return None  # the step uses the all-ones mask kept on the device
+        samples = [seq.num_computed + n == seq.num_tokens
+                   for seq, n in zip(sched.seqs, sched.chunk_lens)]
+        states = [seq.grammar if sampled else None
+                  for seq, sampled in zip(sched.seqs, samples)]
+        return GrammarMask(np.asarray(True), fill_masks(states, S, self.vocab_size))
+
+    def _inactive_grammar(self, S: int) -> GrammarMask:
+        if S not in self._open_grammar:
+            self._open_grammar[S] = self._replicated(GrammarMask(
+                np.asarray(False), np.full((S, mask_words(self.vocab_size)), -1, np.int32)))
+        return self._open_grammar[S]
+
     # -- running -------------------------------------------------------------
     def launch(self, sched: ScheduledBatch) -> Launched:
         """Pack and dispatch a scheduled batch; returns at once, the step runs on."""
-        batch, sbatch, adjust = self.pack(sched)
-        outputs = self.dispatch(batch, sbatch, adjust)
+        packed = self.pack(sched)
+        outputs = self.dispatch(*packed)
         self._last_rows = {seq.rid: i for i, seq in enumerate(sched.seqs)}
-        return Launched(outputs, batch.tokens.shape)
+        return Launched(outputs, packed[0].tokens.shape)
 
     @staticmethod
     def fetch(launched: Launched) -> StepOutput:
         """Wait for a launched step and copy its sampled tokens to the host."""
         return StepOutput(*(to_host(x) for x in launched.outputs))
 
-    def execute(self, batch: StepBatch, sbatch: SamplingBatch,
-                adjust: LogitAdjust | None) -> StepOutput:
+    def execute(self, batch: StepBatch, sbatch: SamplingBatch, adjust: LogitAdjust | None,
+                grammar: GrammarMask | None = None) -> StepOutput:
         """Run one packed step to the end (followers, benchmarks)."""
-        return self.fetch(Launched(self.dispatch(batch, sbatch, adjust)))
+        return self.fetch(Launched(self.dispatch(batch, sbatch, adjust, grammar)))
 
-    def dispatch(self, batch: StepBatch, sbatch: SamplingBatch, adjust: LogitAdjust | None):
+    def dispatch(self, batch: StepBatch, sbatch: SamplingBatch, adjust: LogitAdjust | None,
+                 grammar: GrammarMask | None = None):
         """Start one packed step. On multi-host rank 0, first send it to the other ranks."""
         if self.broadcast is not None:
-            self.broadcast("step", flatten_step(batch, sbatch, adjust))
+            self.broadcast("step", flatten_step(batch, sbatch, adjust, grammar))
         adj = self._device_adjust(batch, adjust)
-        exe = self._executable(batch, sbatch, adj)
+        gram = self._device_grammar(batch, grammar)
+        exe = self._executable(batch, sbatch, adj, gram)
         out, self.last_tokens, self.k_cache, self.v_cache = exe(
-            self.state, self.k_cache, self.v_cache, self.last_tokens, batch, sbatch, adj)
+            self.state, self.k_cache, self.v_cache, self.last_tokens, batch, sbatch, adj, gram)
         return out
 
     def _device_adjust(self, batch: StepBatch, adjust: LogitAdjust | None) -> LogitAdjust:
         S = batch.tokens.shape[0]
         return self._inactive_adjust(S) if adjust is None else self._replicated(adjust)
 
-    def _executable(self, batch: StepBatch, sbatch: SamplingBatch, adj: LogitAdjust):
+    def _device_grammar(self, batch: StepBatch, grammar: GrammarMask | None) -> GrammarMask:
+        S = batch.tokens.shape[0]
+        return self._inactive_grammar(S) if grammar is None else self._replicated(grammar)
+
+    def _executable(self, batch: StepBatch, sbatch: SamplingBatch, adj: LogitAdjust,
+                    gram: GrammarMask):
         """The compiled step for this batch's bucket, compiled ahead of time on first sight.
 
         Keeping the executables ourselves means warmup only compiles (or loads from the
@@ -243,7 +271,7 @@ class ModelRunner:
                 log.warning("compiling a new step shape after warmup: %s", key)
             with jax.set_mesh(self.mesh):
                 lowered = self._step.lower(self.state, self.k_cache, self.v_cache,
-                                           self.last_tokens, batch, sbatch, adj)
+                                           self.last_tokens, batch, sbatch, adj, gram)
                 exe = self._load_or_compile(lowered)
             self._executables[key] = exe
         return exe
@@ -272,8 +300,9 @@ class ModelRunner:
 
     def compile_only(self, batch: StepBatch, sbatch: SamplingBatch) -> None:
         if self.broadcast is not None:  # multi-host: every rank compiles the same bucket
-            self.broadcast("compile", flatten_step(batch, sbatch, None))
-        self._executable(batch, sbatch, self._device_adjust(batch, None))
+            self.broadcast("compile", flatten_step(batch, sbatch, None, None))
+        self._executable(batch, sbatch, self._device_adjust(batch, None),
+                         self._device_grammar(batch, None))
 
 
 def needs_logit_adjust(p) -> bool:
@@ -287,18 +316,21 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-def flatten_step(batch: StepBatch, sbatch: SamplingBatch,
-                 adjust: LogitAdjust | None) -> dict[str, np.ndarray]:
+def flatten_step(batch: StepBatch, sbatch: SamplingBatch, adjust: LogitAdjust | None,
+                 grammar: GrammarMask | None) -> dict[str, np.ndarray]:
     """The step as named numpy arrays, to send to other hosts."""
     flat = {f"b.{k}": np.asarray(v) for k, v in vars(batch).items()}
     flat.update({f"s.{k}": np.asarray(v) for k, v in vars(sbatch).items()})
     if adjust is not None:
         flat.update({f"a.{k}": np.asarray(v) for k, v in vars(adjust).items()})
+    if grammar is not None:
+        flat.update({f"g.{k}": np.asarray(v) for k, v in vars(grammar).items()})
     return flat
 
 
 def unflatten_step(flat: dict[str, np.ndarray]):
     part = lambda p: {k[2:]: v for k, v in flat.items() if k.startswith(p)}  # noqa: E731
-    adjust = part("a.")
+    adjust, grammar = part("a."), part("g.")
     return (StepBatch(**part("b.")), SamplingBatch(**part("s.")),
-            LogitAdjust(**adjust) if adjust else None)
+            LogitAdjust(**adjust) if adjust else None,
+            GrammarMask(**grammar) if grammar else None)

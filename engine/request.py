@@ -6,6 +6,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from sgljax.engine.grammar import GrammarState
 from sgljax.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -34,6 +35,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     matched_stop: int | str | None = None
     num_preemptions: int = 0
+    grammar: GrammarState | None = None  # constrained decoding: where its output stands
 
     @property
     def all_ids(self) -> list[int]:

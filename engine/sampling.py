@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sgljax.engine.batch import LogitAdjust, SamplingBatch
+from sgljax.engine.batch import GrammarMask, LogitAdjust, SamplingBatch
 from sgljax.engine.sampling_params import MAX_TOP_LOGPROBS
 
 
@@ -44,13 +44,28 @@ def adjust_logits(logits: jax.Array, adjust: LogitAdjust) -> jax.Array:
     return logits + adjust.bias
 
 
-def sample(logits: jax.Array, sb: SamplingBatch, adjust: LogitAdjust):
+def allowed_tokens(bits: jax.Array, vocab: int) -> jax.Array:
+    """(S, W) packed int32 → (S, vocab) bool: bit j of word w allows token 32 * w + j."""
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    unpacked = (bits[:, :, None] >> shifts) & 1  # arithmetic shift: bit 31 survives & 1
+    return unpacked.reshape(bits.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def constrain(logits: jax.Array, grammar: GrammarMask) -> jax.Array:
+    return jax.lax.cond(grammar.active,
+                        lambda: jnp.where(allowed_tokens(grammar.bits, logits.shape[-1]),
+                                          logits, -jnp.inf),
+                        lambda: logits)
+
+
+def sample(logits: jax.Array, sb: SamplingBatch, adjust: LogitAdjust, grammar: GrammarMask):
     """logits (S, V) float32 → tokens (S,), their logprobs (S,), top-20 (ids, logprobs).
 
     ``adjust``, when active, applies repetition penalty and an additive bias
     (presence/frequency penalties, logit_bias and min_tokens, folded in by the
-    host) before choosing. Logprobs are the model's own (before temperature and
-    penalties), as OpenAI servers report them.
+    host) before choosing; ``grammar``, when active, then rules out the tokens a
+    constrained request's grammar does not allow. Logprobs are the model's own
+    (before temperature, penalties and grammar), as OpenAI servers report them.
 
     The greedy tokens and the log-normalizer are computed outside the conds, and no
     (S, V) temporary is written: inside a cond XLA CPU fused the (S, V) work worse, and
@@ -59,9 +74,9 @@ def sample(logits: jax.Array, sb: SamplingBatch, adjust: LogitAdjust):
     top = jnp.max(logits, axis=-1, keepdims=True)
     plain_greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     tokens = jax.lax.cond(
-        sb.all_greedy & ~adjust.active,
+        sb.all_greedy & ~adjust.active & ~grammar.active,
         lambda: plain_greedy,
-        lambda: _choose_adjusted(adjust_logits(logits, adjust), sb),
+        lambda: _choose_adjusted(constrain(adjust_logits(logits, adjust), grammar), sb),
     )
     # log_softmax(x)[i] = x[i] - logsumexp(x): one reduction per row, no (S, V) array.
     lse = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))

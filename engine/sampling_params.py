@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sgljax.engine.constraint import Constraint
+
 MAX_TOP_LOGPROBS = 20  # the sampler returns the top 20
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's: bias values in [-100, 100]
 
@@ -48,6 +50,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    # The output must match it (engine/grammar.py checks that it compiles).
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:

@@ -127,14 +127,20 @@ class Scheduler:
     def append_token(self, seq: Sequence, token: int, logprob: float | None = None,
                      top: list[tuple[int, float]] | None = None,
                      stop_string: str | None = None) -> None:
-        """Add a sampled token; finish the sequence on a stop token, a stop string (found
-        by the detokenizer) or max_tokens (validation keeps that within the context)."""
+        """Add a sampled token; finish the sequence on a stop token, the end of its grammar,
+        a stop string (found by the detokenizer) or max_tokens (validation keeps that
+        within the context)."""
         seq.output_ids.append(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)
             seq.output_top_logprobs.append(top or [])
+        # A grammar the token completes (or that cannot go on) ends the output too.
+        grammar_ended = seq.grammar is not None and (not seq.grammar.accept(token)
+                                                     or seq.grammar.done)
         if token in seq.stop_ids:  # min_tokens already kept them from being sampled
             self.finish(seq, "stop", token)
+        elif grammar_ended:
+            self.finish(seq, "stop")
         elif stop_string is not None:
             self.finish(seq, "stop", stop_string)
         elif len(seq.output_ids) >= seq.params.max_tokens:

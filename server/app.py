@@ -71,7 +71,7 @@ def build_app(engine_args: EngineArgs, server_args: ServerArgs,
     if engine_args.model_path:
         served.add(engine_args.model_path)
     ctx = ServerContext(bridge=bridge, tokenizer=engine.tokenizer,
-                        limits=Limits(engine.limits, engine.generation_defaults),
+                        limits=Limits(engine.limits, engine.generation_defaults, engine.grammars),
                         info=engine.describe(),
                         model_name=name, served_names=served, metrics=metrics,
                         engine_args=engine_args, server_args=server_args)

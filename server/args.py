@@ -7,6 +7,7 @@ from dataclasses import dataclass
 DEFAULT_PORT = 30000  # SGLang's default
 MAX_BODY_BYTES = 8 * 1024 * 1024
 REASONING_PARSERS = ("qwen3",)
+TOOL_CALL_PARSERS = ("hermes", "qwen25")  # both Hermes-style <tool_call>{json}</tool_call>
 
 
 @dataclass
@@ -24,6 +25,9 @@ class ServerArgs:
     request_timeout: float = 30.0
     # "qwen3": chat answers carry <think>…</think> as reasoning_content (server/reasoning_parser.py)
     reasoning_parser: str | None = None
+    # "hermes" | "qwen25": <tool_call> blocks in chat answers become tool_calls
+    # (server/tool_calls.py; needed for tool_choice "auto")
+    tool_call_parser: str | None = None
 
     def validate(self) -> "ServerArgs":
         if not 0 <= self.port <= 65535:
@@ -41,6 +45,9 @@ class ServerArgs:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}, "
                              f"not {self.reasoning_parser!r}")
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"not {self.tool_call_parser!r}")
         if self.api_key == "":
             raise ValueError("--api-key must not be empty")
         return self

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sgljax.engine.constraint import Constraint
+from sgljax.engine.grammar import GrammarCompiler
 from sgljax.engine.sampling_params import (RequestError, RequestLimits, SamplingParams,
                                            tokens_left)
 from sgljax.server.errors import APIError, bad_request
 from sgljax.server.protocol import (
     ChatCompletionRequest, CompletionRequest, GenerateRequest, SamplingFields)
+from sgljax.server.structured import from_native, from_response_format
+from sgljax.server.tool_calls import plan_tools, tool_call_message
 from sgljax.engine.tokenizer import ChatTemplateError, Tokenizer
 
 SEED_STRIDE = 0x9E3779B9  # n>1: choice j samples with seed + j * stride (choice 0 uses the seed)
@@ -30,6 +34,7 @@ class Limits:
     # The model's sampling defaults (engine/generation_defaults.py) for fields a request
     # leaves out: temperature, top_p, top_k, min_p, repetition_penalty.
     sampling_defaults: dict
+    grammars: GrammarCompiler | None = None  # checks constraints compile (the engine's)
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Prepared:
     n: int
     prompt_texts: list[str] | None = None  # for completions' echo
     thinking_opened: bool = False  # the chat prompt ends inside a <think> block
+    parse_tool_calls: bool = False  # chat: read tool-call blocks into tool_calls
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:
@@ -75,7 +81,7 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
 
 def _params(req: SamplingFields, ids: list[int], max_tokens: int | None, limits: Limits,
             logprobs: bool, top_logprobs: int, seed: int | None,
-            spelling: dict[str, str]) -> SamplingParams:
+            spelling: dict[str, str], constraint: Constraint | None) -> SamplingParams:
     """SamplingParams for one choice of one prompt, validated; fields the request left out
     take the model's defaults. ``spelling``: this route's names for SamplingParams'."""
     defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
@@ -97,7 +103,10 @@ def _params(req: SamplingFields, ids: list[int], max_tokens: int | None, limits:
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=pick("repetition_penalty"),
             logit_bias=_logit_bias(req.logit_bias), logprobs=logprobs,
-            top_logprobs=top_logprobs, skip_special_tokens=req.skip_special_tokens)
+            top_logprobs=top_logprobs, skip_special_tokens=req.skip_special_tokens,
+            constraint=constraint)
+        if constraint is not None:
+            limits.grammars.check(constraint)
         return params.validate(limits.request, ids)
     except RequestError as e:
         raise bad_request(str(e), spelling.get(e.param, e.param), e.code) from None
@@ -105,13 +114,13 @@ def _params(req: SamplingFields, ids: list[int], max_tokens: int | None, limits:
 
 def _fan_out(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
              limits: Limits, logprobs: bool, top_logprobs: int,
-             spelling: dict[str, str]) -> list[SamplingParams]:
+             spelling: dict[str, str], constraint: Constraint | None) -> list[SamplingParams]:
     params = []
     for i, ids in enumerate(prompts):
         names = {"prompt": f"prompt[{i}]" if len(prompts) > 1 else "prompt", **spelling}
         for j in range(req.n):
             params.append(_params(req, ids, max_tokens, limits, logprobs, top_logprobs,
-                                  choice_seed(req.seed, j), names))
+                                  choice_seed(req.seed, j), names, constraint))
     return params
 
 
@@ -137,37 +146,62 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict]:
             msg["name"] = m.name
         if m.reasoning_content is not None:
             msg["reasoning_content"] = m.reasoning_content
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise bad_request("only assistant messages carry tool_calls",
+                                  f"messages[{i}].tool_calls")
+            msg["tool_calls"] = tool_call_message(m.tool_calls, f"messages[{i}]")
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise bad_request("a tool message needs the tool_call_id it answers",
+                                  f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = m.tool_call_id
+        elif m.tool_call_id is not None:
+            raise bad_request("only tool messages carry tool_call_id",
+                              f"messages[{i}].tool_call_id")
         out.append(msg)
     return out
 
 
-def chat_prompt_ids(tok: Tokenizer, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt_ids(tok: Tokenizer, req: ChatCompletionRequest,
+                    tools: list[dict] | None = None) -> list[int]:
     kwargs = dict(req.chat_template_kwargs or {})
     reserved = _RESERVED_TEMPLATE_KWARGS & set(kwargs)
     if reserved:
         raise bad_request(f"chat_template_kwargs may not set {sorted(reserved)[0]}",
                           "chat_template_kwargs")
+    if tools is not None:
+        kwargs["tools"] = tools
     try:
         return tok.apply_chat_template(chat_messages(req), **kwargs)
     except ChatTemplateError as e:
         raise bad_request(str(e), "messages") from None
 
 
-def prepare_chat(tok: Tokenizer, req: ChatCompletionRequest, limits: Limits) -> Prepared:
+def prepare_chat(tok: Tokenizer, req: ChatCompletionRequest, limits: Limits,
+                 tool_call_parser: str | None = None) -> Prepared:
     reject_unsupported(req)
+    tools = plan_tools(tok, req, tool_call_parser)
+    constraint = from_response_format(req.response_format, req.regex, req.ebnf)
+    if tools.constraint is not None:
+        if constraint is not None:
+            raise bad_request("tool_choice required (or a named function) cannot be combined "
+                              "with response_format, regex or ebnf", "tool_choice")
+        constraint = tools.constraint
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     if req.max_completion_tokens is not None:
         requested, param = req.max_completion_tokens, "max_completion_tokens"
     else:
         requested, param = req.max_tokens, "max_tokens"
-    ids = chat_prompt_ids(tok, req)
+    ids = chat_prompt_ids(tok, req, tools.template_tools)
     params = _fan_out(req, [ids], requested, limits, req.logprobs, req.top_logprobs or 0,
-                      {"max_tokens": param, "prompt": "messages"})
+                      {"max_tokens": param, "prompt": "messages"}, constraint)
     # Templates of thinking models may end the generation prompt with "<think>\n": the
     # answer then starts inside the block.
     opened = tok.decode(ids[-3:], skip_special_tokens=False).rstrip().endswith("<think>")
-    return Prepared([ids], params, req.n, thinking_opened=opened)
+    return Prepared([ids], params, req.n, thinking_opened=opened,
+                    parse_tool_calls=tools.parse)
 
 
 # -- completions --------------------------------------------------------------------
@@ -194,7 +228,9 @@ def prepare_completion(tok: Tokenizer, req: CompletionRequest, limits: Limits) -
     reject_unsupported(req)
     prompts, texts = completion_prompts(tok, req.prompt)
     want_lp = req.logprobs is not None
-    params = _fan_out(req, prompts, req.max_tokens, limits, want_lp, req.logprobs or 0, {})
+    constraint = from_response_format(req.response_format, req.regex, req.ebnf)
+    params = _fan_out(req, prompts, req.max_tokens, limits, want_lp, req.logprobs or 0, {},
+                      constraint)
     return Prepared(prompts, params, req.n, texts)
 
 
@@ -223,7 +259,8 @@ def prepare_generate(tok: Tokenizer, req: GenerateRequest, limits: Limits) -> Pr
     spelling.update(max_tokens="sampling_params.max_new_tokens",
                     min_tokens="sampling_params.min_new_tokens", prompt="text")
     params = _fan_out(fields, prompts, sp.max_new_tokens, limits, req.return_logprob,
-                      req.top_logprobs_num, spelling)
+                      req.top_logprobs_num, spelling,
+                      from_native(sp.json_schema, sp.regex, sp.ebnf))
     return Prepared(prompts, params, sp.n)
 
 

@@ -15,7 +15,7 @@ from sgljax.server.errors import error_body, read_model
 from sgljax.server.openai_adapters import (
     Prepared, check_model_name, prepare_chat, prepare_completion)
 from sgljax.server.protocol import ChatCompletionRequest, CompletionRequest
-from sgljax.server.reasoning_parser import Qwen3ReasoningParser, split_reasoning
+from sgljax.server.chat_output import ChatOutputParser
 from sgljax.server.responses import (
     SSE_DONE, ChoiceState, chat_chunk, chat_logprobs, chat_response, completion_chunk,
     completion_logprobs, completion_response, sse, usage, usage_chunk)
@@ -61,40 +61,33 @@ async def chat_completions(request: Request):
     req = await read_model(request, ChatCompletionRequest, ctx.server_args.max_request_bytes,
                            ctx.server_args.request_timeout)
     check_model_name(req.model, ctx.served_names)
-    prep = await run_in_threadpool(prepare_chat, ctx.tokenizer, req, ctx.limits)
+    prep = await run_in_threadpool(prepare_chat, ctx.tokenizer, req, ctx.limits,
+                                   ctx.server_args.tool_call_parser)
     rid, handle, states = ctx.submit("chatcmpl", req.rid, prep, arrival)
     created, k = int(time.time()), req.top_logprobs or 0
     reasoning = ctx.server_args.reasoning_parser is not None and req.separate_reasoning
+
+    def new_parser() -> ChatOutputParser:
+        return ChatOutputParser(reasoning, prep.thinking_opened, prep.parse_tool_calls)
+
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        parsers = ({r: Qwen3ReasoningParser(prep.thinking_opened) for r in states}
-                   if reasoning else None)
+        parsers = {r: new_parser() for r in states}
         return EngineEventStream(_chat_events(ctx, rid, created, handle, states, prep,
                                               req.logprobs, k, include_usage, parsers), handle)
     if not await collect(request, handle, states):
         return Response(status_code=CLIENT_GONE)
-    split = (lambda text: split_reasoning(text, prep.thinking_opened)) if reasoning else None
     return JSONResponse(chat_response(rid, created, ctx.model_name, list(states.values()),
                                       [len(p) for p in prep.prompts], ctx.token_strings,
-                                      req.logprobs, k, split))
+                                      req.logprobs, k, new_parser))
 
 
 async def _chat_events(ctx: ServerContext, rid: str, created: int, handle: RequestHandle,
                        states: dict[str, ChoiceState], prep: Prepared, logprobs: bool, k: int,
                        include_usage: bool,
-                       parsers: dict[str, Qwen3ReasoningParser] | None) -> AsyncIterator[str]:
-    """``parsers``: per choice, when thinking goes to reasoning_content."""
+                       parsers: dict[str, ChatOutputParser]) -> AsyncIterator[str]:
+    """``parsers``: per choice, what becomes content, reasoning_content and tool_calls."""
     model = ctx.model_name
-
-    def deltas(rid_: str, text: str, finished: bool) -> dict:
-        if parsers is None:
-            return {"content": text} if text else {}
-        reasoning, content = parsers[rid_].feed(text)
-        if finished:
-            more_r, more_c = parsers[rid_].finish()
-            reasoning, content = reasoning + more_r, content + more_c
-        out = {"reasoning_content": reasoning} if reasoning else {}
-        return {**out, "content": content} if content else out
 
     try:
         for st in states.values():
@@ -111,13 +104,14 @@ async def _chat_events(ctx: ServerContext, rid: str, created: int, handle: Reque
                 st.add(d)
                 lp = (chat_logprobs(ctx.token_strings, d.token_ids, d.logprobs,
                                     d.top_logprobs, k) if logprobs and d.token_ids else None)
-                delta = deltas(d.rid, d.text, d.finished)
+                delta = parsers[d.rid].feed(d.text, d.finished)
                 if delta or lp:
                     yield sse(chat_chunk(rid, created, model, st.index,
                                          delta or {"content": ""}, logprobs=lp,
                                          with_usage_field=include_usage))
                 if d.finished:
-                    yield sse(chat_chunk(rid, created, model, st.index, {}, d.finish_reason,
+                    reason = parsers[d.rid].finish_reason(d.finish_reason)
+                    yield sse(chat_chunk(rid, created, model, st.index, {}, reason,
                                          matched_stop=d.matched_stop,
                                          with_usage_field=include_usage))
         if include_usage:

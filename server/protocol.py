@@ -26,6 +26,20 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # honoured either way: the output always matches
+
+
+class ResponseFormat(Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(Strict):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
@@ -54,10 +68,49 @@ class SamplingFields(Strict):
     store: bool | None = None
     service_tier: str | None = None
     rid: str | None = None  # SGLang: caller-chosen request id (used as the response id)
+    # Structured outputs: at most one of these (SGLang's regex and ebnf extras).
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, why) for every field that is set but cannot be honoured."""
         return []
+
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(Strict):
+    name: str = Field(..., pattern=FUNCTION_NAME)
+    arguments: str  # a JSON object, as a string
+
+
+class AssistantToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
 
 
 class ChatMessage(Strict):
@@ -65,7 +118,7 @@ class ChatMessage(Strict):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     reasoning_content: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[AssistantToolCall] | None = None
     tool_call_id: str | None = None
 
 
@@ -79,14 +132,12 @@ class ChatCompletionRequest(SamplingFields):
     # SGLang: with --reasoning-parser, put the thinking in reasoning_content (else leave
     # it in content as the model wrote it).
     separate_reasoning: bool = True
-    # Accepted: only meaningful with tools, which are refused below.
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     # Declared so that using them is a clear 400.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any = None
     prediction: Any = None
@@ -95,24 +146,14 @@ class ChatCompletionRequest(SamplingFields):
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = []
-        if self.tools:
-            out.append(("tools", "tool calling is not supported by this server"))
-        if self.tool_choice not in (None, "none", "auto") or (
-                self.tool_choice == "auto" and self.tools):
-            out.append(("tool_choice", "tool calling is not supported by this server"))
         if self.functions or self.function_call not in (None, "none"):
-            out.append(("functions", "function calling is not supported by this server"))
-        if self.response_format and self.response_format.get("type") != "text":
-            out.append(("response_format",
-                        "only response_format {\"type\": \"text\"} is supported"))
+            out.append(("functions", "functions and function_call are deprecated: use tools "
+                                     "and tool_choice"))
         if self.modalities and set(self.modalities) != {"text"}:
             out.append(("modalities", "only text output is supported"))
         for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
             if getattr(self, name) is not None:
                 out.append((name, f"{name} is not supported by this server"))
-        for i, m in enumerate(self.messages):
-            if m.role == "tool" or m.tool_calls or m.tool_call_id:
-                out.append((f"messages[{i}]", "tool messages and tool_calls are not supported"))
         return out
 
 
@@ -155,6 +196,10 @@ class NativeSamplingParams(Strict):
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     sampling_seed: int | None = None
+    # Structured outputs, as SGLang spells them: at most one.
+    json_schema: str | None = None  # the schema as JSON text
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class GenerateRequest(Strict):

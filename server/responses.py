@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from sgljax.engine.outputs import Completion
 from sgljax.engine.tokenizer import Tokenizer
+from sgljax.server.chat_output import ChatOutputParser, whole_message
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
@@ -91,18 +92,15 @@ def completion_logprobs(names: TokenStrings, ids: list[int], lps: list[float],
 # -- whole responses --------------------------------------------------------------------
 def chat_response(rid: str, created: int, model: str, choices: list[ChoiceState],
                   prompt_lens: list[int], names: TokenStrings, logprobs: bool, k: int,
-                  split=None) -> dict:
-    """``split(text) -> (reasoning or None, content)`` when a reasoning parser is on."""
+                  new_parser=ChatOutputParser) -> dict:
+    """``new_parser()``: a ChatOutputParser set up as the request asks."""
     out = []
     for c in choices:
         lp = (chat_logprobs(names, c.token_ids, c.logprobs, c.top_logprobs, k)
               if logprobs else None)
-        reasoning, content = split(c.text) if split else (None, c.text)
-        message = {"role": "assistant", "content": content, "refusal": None, "tool_calls": None}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
-        out.append({"index": c.index, "message": message,
-                    "logprobs": lp, "finish_reason": c.finish_reason,
+        parser = new_parser()
+        out.append({"index": c.index, "message": whole_message(parser, c.text),
+                    "logprobs": lp, "finish_reason": parser.finish_reason(c.finish_reason),
                     "matched_stop": c.matched_stop})
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": out, "usage": usage(choices, prompt_lens), "system_fingerprint": None}

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from sgljax.engine.outputs import RequestOutput
 from sgljax.server.openai_adapters import Prepared
 from sgljax.server.openai_routes import _chat_events
-from sgljax.server.reasoning_parser import Qwen3ReasoningParser, split_reasoning
+from sgljax.server.chat_output import ChatOutputParser
 from sgljax.server.responses import ChoiceState, chat_response
 
 PIECES = ["<thi", "nk>\nThe user", " says hi.</th", "ink>\n\nHel", "lo!"]
@@ -33,22 +33,22 @@ class FakeHandle:
         pass
 
 
-def _stream(parsers):
+def _stream(parser: ChatOutputParser, pieces=PIECES):
     ctx = SimpleNamespace(model_name="m", token_strings=None)
     states = {"r": ChoiceState(index=0, prompt_index=0)}
     prep = Prepared([[1, 2]], [None], 1)
 
     async def run():
-        return [e async for e in _chat_events(ctx, "id", 0, FakeHandle("r", PIECES), states,
-                                              prep, False, 0, False, parsers)]
+        return [e async for e in _chat_events(ctx, "id", 0, FakeHandle("r", pieces), states,
+                                              prep, False, 0, False, {"r": parser})]
 
     events = asyncio.run(run())
     chunks = [json.loads(e[len("data: "):]) for e in events if e.startswith("data: {")]
-    return [c["choices"][0]["delta"] for c in chunks]
+    return [c["choices"][0]["delta"] for c in chunks], chunks[-1]["choices"][0]["finish_reason"]
 
 
 def test_streamed_thinking_goes_to_reasoning_content():
-    deltas = _stream({"r": Qwen3ReasoningParser()})
+    deltas, _ = _stream(ChatOutputParser(reasoning=True))
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
     content = "".join(d.get("content", "") for d in deltas)
     assert reasoning == "The user says hi."
@@ -57,14 +57,15 @@ def test_streamed_thinking_goes_to_reasoning_content():
 
 
 def test_without_a_parser_the_text_is_left_as_written():
-    deltas = _stream(None)
+    deltas, _ = _stream(ChatOutputParser())
     assert "".join(d.get("content", "") for d in deltas) == "".join(PIECES)
     assert not any("reasoning_content" in d for d in deltas)
 
 
 def test_whole_answer_carries_reasoning_content():
     st = ChoiceState(index=0, prompt_index=0, text="".join(PIECES), finish_reason="stop")
-    body = chat_response("id", 0, "m", [st], [2], None, False, 0, split=split_reasoning)
+    body = chat_response("id", 0, "m", [st], [2], None, False, 0,
+                         lambda: ChatOutputParser(reasoning=True))
     message = body["choices"][0]["message"]
     assert message["reasoning_content"] == "The user says hi." and message["content"] == "Hello!"
     plain = chat_response("id", 0, "m", [st], [2], None, False, 0)["choices"][0]["message"]

@@ -356,9 +356,12 @@ BAD_INPUTS = [
     ("top-logprobs-alone", CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
     ("top-logprobs-range", CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400,
      "top_logprobs"),
-    ("tools", CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
-    ("json-mode", CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400,
-     "response_format"),
+    ("tools", CHAT, {"messages": USER, "tools": [{"type": "function"}]}, 400,
+     "tools[0].function"),
+    ("tools-auto-without-parser", CHAT, {"messages": USER, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice"),
+    ("json-schema-missing", CHAT, {"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format"),
     ("unknown-field", CHAT, {"messages": USER, "frobnicate": 1}, 400, "frobnicate"),
     ("image-part", CHAT, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content[0]"),
