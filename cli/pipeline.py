@@ -123,6 +123,12 @@ def engine_flags(plan: ServingPlan) -> list[str]:
                      if f.name in FIELDS})
 
 
+def parser_flags(recipe: Recipe) -> list[str]:
+    """The recipe's --tool-call-parser / --reasoning-parser for ``sgljax serve``."""
+    return [arg for key, value in sorted(recipe.parsers.items())
+            for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
 def dist_flags(host: HostEnv, port: int) -> list[str]:
     if host.num_nodes == 1:
         return []
@@ -168,7 +174,8 @@ def build_steps(recipe: Recipe, plan: ServingPlan, host: HostEnv, storage: Stora
                                                *dist_flags(host, dist_port + 1))))
     steps.append(Step("serve", sgljax_cmd(python, "serve", *model, "--host", bind_host,
                                           "--port", str(port), *engine_flags(plan),
-                                          *dist_flags(host, dist_port)), kind="exec"))
+                                          *parser_flags(recipe), *dist_flags(host, dist_port)),
+                        kind="exec"))
     return steps
 
 

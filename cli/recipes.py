@@ -32,7 +32,9 @@ SHAPE_KEYS = {"params", "layers", "hidden", "intermediate", "heads", "kv_heads",
               "vocab", "tie_embeddings", "max_context", "experts", "experts_per_token",
               "moe_intermediate", "extra_params"}
 RECIPE_KEYS = {"name", "hf_repo", "architecture", "dtype", "local_source", "notes", "shape",
-               "serving", "slices"}
+               "serving", "slices", "parsers"}
+# What the server reads out of the model's answers (sgljax serve's flags of these names).
+PARSER_KEYS = {"tool_call_parser", "reasoning_parser"}
 
 
 class RecipeError(ValueError):
@@ -101,6 +103,7 @@ class Recipe:
     slices: dict
     local_source: str | None = None
     notes: str = ""
+    parsers: dict = dataclasses.field(default_factory=dict)  # PARSER_KEYS → the model's format
 
     @property
     def qk_norm(self) -> bool:
@@ -149,7 +152,8 @@ def _load(path: Path) -> Recipe:
     unknown = set(raw) - RECIPE_KEYS
     if unknown:
         raise RecipeError(f"{path}: unknown keys {sorted(unknown)}")
-    for section, allowed in (("shape", SHAPE_KEYS), ("serving", SERVING_KEYS)):
+    for section, allowed in (("shape", SHAPE_KEYS), ("serving", SERVING_KEYS),
+                             ("parsers", PARSER_KEYS)):
         bad = set(raw.get(section) or {}) - allowed
         if bad:
             raise RecipeError(f"{path}: unknown {section} keys {sorted(bad)}")
@@ -161,7 +165,8 @@ def _load(path: Path) -> Recipe:
         recipe = Recipe(name=raw["name"], hf_repo=raw["hf_repo"], architecture=raw["architecture"],
                         dtype=raw.get("dtype", "bfloat16"), shape=Shape(**raw["shape"]),
                         serving=dict(raw.get("serving") or {}), slices=dict(raw.get("slices") or {}),
-                        local_source=raw.get("local_source"), notes=raw.get("notes", ""))
+                        local_source=raw.get("local_source"), notes=raw.get("notes", ""),
+                        parsers=dict(raw.get("parsers") or {}))
     except (KeyError, TypeError) as e:
         raise RecipeError(f"{path}: missing or wrong field ({e})") from None
     if recipe.name != path.stem:

@@ -29,8 +29,12 @@ def _bound(case) -> None:
     if not isinstance(body, dict):
         return
     for key in ("max_tokens", "max_completion_tokens"):
-        if isinstance(body.get(key), int) and body[key] > MAX_FUZZ_TOKENS:
+        # null (or, in chat, absent) asks for the whole context: bounded too
+        if key in body and (body[key] is None or (isinstance(body[key], int)
+                                                  and body[key] > MAX_FUZZ_TOKENS)):
             body[key] = MAX_FUZZ_TOKENS
+    if "messages" in body and "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = MAX_FUZZ_TOKENS
     sp = body.get("sampling_params")
     if isinstance(sp, dict) and isinstance(sp.get("max_new_tokens"), int) \
             and sp["max_new_tokens"] > MAX_FUZZ_TOKENS:

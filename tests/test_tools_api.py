@@ -165,3 +165,41 @@ def test_bad_tools_and_formats_are_400s(server, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"], err
+
+
+def test_langchain_tool_round_trip_and_structured_output(server):
+    from typing import Literal
+
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class WeatherArgs(BaseModel):  # bounded: a random model's strings would run on
+        model_config = ConfigDict(extra="forbid")
+        city: str = Field(max_length=12)
+        unit: Literal["celsius", "fahrenheit"]
+
+    @tool(args_schema=WeatherArgs)
+    def get_weather(city: str, unit: str) -> str:
+        """Weather for a city."""
+        return f"21 degrees {unit} in {city}"
+
+    class Person(BaseModel):  # closed: extra keys of a random model's choosing would run on
+        model_config = ConfigDict(extra="forbid")
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=120)
+
+    llm = ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="tiny",
+                     temperature=0, max_tokens=200, max_retries=0, timeout=120)
+    question = HumanMessage("What is the weather in Paris?")
+    ai = llm.bind_tools([get_weather], tool_choice="get_weather").invoke([question])
+    assert len(ai.tool_calls) >= 1 and ai.tool_calls[0]["name"] == "get_weather"
+    call = ai.tool_calls[0]
+    assert call["args"]["unit"] in ("celsius", "fahrenheit") and isinstance(call["args"]["city"], str)
+    result = ToolMessage(content=get_weather.invoke(call["args"]), tool_call_id=call["id"])
+    answer = llm.bind_tools([get_weather]).invoke([question, ai, result])  # tool_choice auto
+    assert answer.response_metadata["finish_reason"] in ("stop", "length", "tool_calls")
+    for method in ("json_schema", "function_calling"):
+        person = llm.with_structured_output(Person, method=method).invoke("Invent a person.")
+        assert isinstance(person, Person), (method, person)

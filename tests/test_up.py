@@ -227,7 +227,9 @@ def test_host_run_two_ranks_build_the_multi_host_command_lines(tmp_path):
         lines = out.splitlines()
         serve = lines[-1].split()
         assert serve == ["exec", PY, "-m", "sgljax.cli.main", "serve", "--model-path", str(ckpt),
-                         "--host", "0.0.0.0", "--port", "30000", *engine, "--nnodes", "2",
+                         "--host", "0.0.0.0", "--port", "30000", *engine,
+                         "--reasoning-parser", "qwen3", "--tool-call-parser", "qwen25",
+                         "--nnodes", "2",
                          "--node-rank", str(rank), "--dist-init-addr", "127.0.0.1:8476"]
         warmup = lines[lines.index("# warmup") + 1].split()
         assert warmup[3] == "warmup" and warmup[-6:] == [
