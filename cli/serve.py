@@ -30,7 +30,8 @@ def serve(
         help="qwen3: chat answers carry <think>...</think> as reasoning_content."),
     tool_call_parser: Optional[str] = typer.Option(
         None, "--tool-call-parser",
-        help="hermes | qwen25: parse <tool_call> blocks into tool_calls (tool_choice auto)."),
+        help="hermes | qwen25 (<tool_call> blocks) | llama3_json: the model's tool calls "
+             "become tool_calls (needed for tool_choice auto)."),
     graceful_shutdown_timeout: float = typer.Option(
         10.0, "--graceful-shutdown-timeout",
         help="On SIGTERM, seconds in-flight requests get to finish before they are aborted."),

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 DEFAULT_PORT = 30000  # SGLang's default
 MAX_BODY_BYTES = 8 * 1024 * 1024
 REASONING_PARSERS = ("qwen3",)
-TOOL_CALL_PARSERS = ("hermes", "qwen25")  # both Hermes-style <tool_call>{json}</tool_call>
+# hermes / qwen25: <tool_call>{json}</tool_call>; llama3_json: {"name", "parameters"}
+TOOL_CALL_PARSERS = ("hermes", "qwen25", "llama3_json")
 
 
 @dataclass
@@ -25,8 +26,8 @@ class ServerArgs:
     request_timeout: float = 30.0
     # "qwen3": chat answers carry <think>…</think> as reasoning_content (server/reasoning_parser.py)
     reasoning_parser: str | None = None
-    # "hermes" | "qwen25": <tool_call> blocks in chat answers become tool_calls
-    # (server/tool_calls.py; needed for tool_choice "auto")
+    # TOOL_CALL_PARSERS: the model's tool calls in chat answers become tool_calls
+    # (server/tool_parser.py; needed for tool_choice "auto")
     tool_call_parser: str | None = None
 
     def validate(self) -> "ServerArgs":

@@ -10,19 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sgljax.server.reasoning_parser import Qwen3ReasoningParser
-from sgljax.server.tool_parser import HermesToolParser, ToolCall
+from sgljax.server.tool_parser import PARSERS, ToolCall
 
 
 @dataclass
 class ChatOutputParser:
     reasoning: bool = False  # --reasoning-parser is on and the request keeps it separate
     thinking_opened: bool = False  # the prompt ended inside a <think> block
-    tools: bool = False  # read tool-call blocks into tool_calls
+    tools: str | None = None  # the tool-call format to read out (server/tool_parser.py)
     calls: list[ToolCall] = field(default_factory=list)
 
     def __post_init__(self):
         self._reasoning = Qwen3ReasoningParser(self.thinking_opened) if self.reasoning else None
-        self._tools = HermesToolParser() if self.tools else None
+        self._tools = PARSERS[self.tools]() if self.tools else None
 
     def feed(self, text: str, finished: bool = False) -> dict:
         """New text → the delta's fields (reasoning_content, content, tool_calls)."""
@@ -34,7 +34,8 @@ class ChatOutputParser:
         if self._tools:
             content, closed = self._tools.feed(content)
             if finished:
-                content += self._tools.finish()
+                rest, more = self._tools.finish()
+                content, closed = content + rest, closed + more
             self.calls += closed
         delta = {}
         if reasoning:

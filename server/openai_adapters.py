@@ -46,7 +46,7 @@ class Prepared:
     n: int
     prompt_texts: list[str] | None = None  # for completions' echo
     thinking_opened: bool = False  # the chat prompt ends inside a <think> block
-    parse_tool_calls: bool = False  # chat: read tool-call blocks into tool_calls
+    tool_format: str | None = None  # chat: read tool calls of this format into tool_calls
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:
@@ -201,7 +201,7 @@ def prepare_chat(tok: Tokenizer, req: ChatCompletionRequest, limits: Limits,
     # answer then starts inside the block.
     opened = tok.decode(ids[-3:], skip_special_tokens=False).rstrip().endswith("<think>")
     return Prepared([ids], params, req.n, thinking_opened=opened,
-                    parse_tool_calls=tools.parse)
+                    tool_format=tools.format)
 
 
 # -- completions --------------------------------------------------------------------

@@ -68,7 +68,7 @@ async def chat_completions(request: Request):
     reasoning = ctx.server_args.reasoning_parser is not None and req.separate_reasoning
 
     def new_parser() -> ChatOutputParser:
-        return ChatOutputParser(reasoning, prep.thinking_opened, prep.parse_tool_calls)
+        return ChatOutputParser(reasoning, prep.thinking_opened, prep.tool_format)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

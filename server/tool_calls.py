@@ -7,11 +7,11 @@ response parser do with them.
   ``--tool-call-parser``; without one the request is refused, as vLLM does, rather
   than answered with calls left in the text.
 - ``required`` / a named function: a grammar makes the output one call (or, with
-  ``parallel_tool_calls``, one or more) in the parser's format, whose arguments
-  match the tool's ``parameters`` schema; these work with any model.
+  ``parallel_tool_calls``, one or more) in the parser's format (Hermes when the
+  server has none), whose arguments match the tool's ``parameters`` schema; these
+  work with any model.
 
-Every supported format is Hermes-style (``<tool_call>{"name": ..., "arguments":
-...}</tool_call>``, Qwen2.5 / Qwen3): server/tool_parser.py reads it back.
+server/tool_parser.py reads the formats back.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from sgljax.server.tool_parser import HermesToolParser
 class ToolPlan:
     template_tools: list[dict] | None  # what the chat template gets as ``tools``
     constraint: Constraint | None  # required / named: the grammar of the calls
-    parse: bool  # read tool-call blocks out of the output
+    format: str | None  # the tool-call format to read out of the output (None: none)
 
 
 def plan_tools(tok: Tokenizer, req: ChatCompletionRequest, parser: str | None) -> ToolPlan:
@@ -38,9 +38,9 @@ def plan_tools(tok: Tokenizer, req: ChatCompletionRequest, parser: str | None) -
     if not tools:
         if choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", "tool_choice")
-        return ToolPlan(None, None, False)
+        return ToolPlan(None, None, None)
     if choice == "none":
-        return ToolPlan(None, None, False)
+        return ToolPlan(None, None, None)
     names = [t.function.name for t in tools]
     if len(set(names)) < len(names):
         raise bad_request("tool names must be unique", "tools")
@@ -49,7 +49,7 @@ def plan_tools(tok: Tokenizer, req: ChatCompletionRequest, parser: str | None) -
         if parser is None:
             raise bad_request('tool_choice "auto" needs the server started with '
                               "--tool-call-parser", "tool_choice")
-        return ToolPlan(template_tools, None, True)
+        return ToolPlan(template_tools, None, parser)
     if choice == "required":
         chosen = tools
     else:
@@ -57,8 +57,9 @@ def plan_tools(tok: Tokenizer, req: ChatCompletionRequest, parser: str | None) -
         if not chosen:
             raise bad_request(f"tool_choice names {choice.function.name!r}, which is not "
                               "one of the tools", "tool_choice")
-    grammar = calls_grammar(tok, chosen, req.parallel_tool_calls)
-    return ToolPlan(template_tools, Constraint("lark", grammar, "tools"), True)
+    fmt = parser or "hermes"
+    grammar = calls_grammar(tok, chosen, req.parallel_tool_calls, fmt)
+    return ToolPlan(template_tools, Constraint("lark", grammar, "tools"), fmt)
 
 
 def _tag(tok: Tokenizer, text: str) -> str:
@@ -68,21 +69,26 @@ def _tag(tok: Tokenizer, text: str) -> str:
     return f"<[{token_id}]>" if token_id is not None else json.dumps(text)
 
 
-def call_schema(tool: Tool) -> dict:
+def call_schema(tool: Tool, arguments_key: str) -> dict:
     params = tool.function.parameters or {"type": "object", "properties": {}}
     return {"type": "object", "properties": {"name": {"const": tool.function.name},
-                                             "arguments": params},
-            "required": ["name", "arguments"], "additionalProperties": False}
+                                             arguments_key: params},
+            "required": ["name", arguments_key], "additionalProperties": False}
 
 
-def calls_grammar(tok: Tokenizer, tools: list[Tool], parallel: bool) -> str:
-    """Lark: one call block (or several, one per line) whose JSON names one of ``tools``."""
-    schema = {"anyOf": [call_schema(t) for t in tools], "x-guidance": JSON_STYLE}
-    start, end = _tag(tok, HermesToolParser.START), _tag(tok, HermesToolParser.END)
-    calls = 'call ("\\n" call)*' if parallel else "call"
-    return (f"start: {calls}\n"
-            f'call: {start} "\\n" body "\\n" {end}\n'
-            f"body: %json {json.dumps(schema)}\n")
+def calls_grammar(tok: Tokenizer, tools: list[Tool], parallel: bool, fmt: str) -> str:
+    """Lark: one call (or several) in format ``fmt`` whose JSON names one of ``tools``:
+    Hermes blocks one per line, Llama 3 JSON objects joined by "; "."""
+    llama = fmt == "llama3_json"
+    schema = {"anyOf": [call_schema(t, "parameters" if llama else "arguments") for t in tools],
+              "x-guidance": JSON_STYLE}
+    if llama:
+        calls, call = 'call ("; " call)*' if parallel else "call", "call: body"
+    else:
+        start, end = _tag(tok, HermesToolParser.START), _tag(tok, HermesToolParser.END)
+        calls = 'call ("\\n" call)*' if parallel else "call"
+        call = f'call: {start} "\\n" body "\\n" {end}'
+    return f"start: {calls}\n{call}\nbody: %json {json.dumps(schema)}\n"
 
 
 def tool_call_message(raw_calls, where: str) -> list[dict]:

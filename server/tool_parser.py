@@ -1,11 +1,18 @@
 """Tool calls in a model's output → OpenAI ``tool_calls``, as text streams in.
 
-Qwen2.5 / Qwen3 (and Hermes-style templates) write each call as
-``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``. Text outside the
-blocks is the message content; each block becomes one call when it closes, so a
-stream gets every call whole, in order, with its index. Text that could begin a tag
-is held back until the next piece decides. A block whose JSON does not parse is
-returned as content, as the model wrote it, rather than dropped.
+Two formats (``--tool-call-parser``), each a parser with ``feed(text) -> (content,
+closed calls)`` and ``finish() -> (content, calls)``:
+
+- ``hermes`` / ``qwen25``: Qwen2.5 / Qwen3 (and Hermes-style templates) write each
+  call as ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``. Text
+  outside the blocks is the message content; each block becomes one call when it
+  closes, so a stream gets every call whole, in order, with its index. Text that
+  could begin a tag is held back until the next piece decides. A block whose JSON does
+  not parse is returned as content, as the model wrote it, rather than dropped.
+- ``llama3_json``: Llama 3.x answers a call with the whole message as JSON,
+  ``{"name": ..., "parameters": {...}}`` (several joined by ``;``), after an optional
+  ``<|python_tag|>``. An answer that starts that way is held until it ends and then
+  parsed; if it is not calls after all, it is returned as content.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ class HermesToolParser:
                 if parsed is None:
                     content.append(self.START + body + self.END)
                     continue
-                call = ToolCall(len(self.calls), f"call_{uuid.uuid4().hex[:24]}", *parsed)
+                call = _new_call(len(self.calls), *parsed)
                 self.calls.append(call)
                 closed.append(call)
             else:
@@ -85,15 +92,75 @@ class HermesToolParser:
                 self._inside = True
         return "".join(content), closed
 
-    def finish(self) -> str:
+    def finish(self) -> tuple[str, list[ToolCall]]:
         """At the end of the output: held-back text, and an unclosed block as content."""
         rest = (self.START if self._inside else "") + self._pending
         self._pending, self._inside = "", False
-        return rest
+        return rest, []
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """A whole output → (content without the call blocks, the calls)."""
-    parser = HermesToolParser()
+def _new_call(index: int, name: str, arguments: str) -> ToolCall:
+    return ToolCall(index, f"call_{uuid.uuid4().hex[:24]}", name, arguments)
+
+
+class Llama3JsonToolParser:
+    PYTHON_TAG = "<|python_tag|>"
+
+    def __init__(self):
+        self.calls: list[ToolCall] = []
+        self._held = ""
+        self._calls_maybe: bool | None = None  # undecided until the first non-space text
+
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        if self._calls_maybe is False:
+            return text, []
+        self._held += text
+        head = self._held.lstrip()
+        if not head or self.PYTHON_TAG.startswith(head):
+            return "", []  # nothing decisive yet
+        self._calls_maybe = head.startswith("{") or head.startswith(self.PYTHON_TAG)
+        if self._calls_maybe:
+            return "", []
+        out, self._held = self._held, ""
+        return out, []
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        held, self._held = self._held, ""
+        if not self._calls_maybe:
+            return held, []
+        parsed = self._parse(held.strip().removeprefix(self.PYTHON_TAG))
+        if parsed is None:
+            return held, []
+        self.calls = [_new_call(i, name, args) for i, (name, args) in enumerate(parsed)]
+        return "", self.calls
+
+    @staticmethod
+    def _parse(text: str) -> list[tuple[str, str]] | None:
+        decoder, calls, at = json.JSONDecoder(), [], 0
+        while at < len(text):
+            try:
+                obj, at = decoder.raw_decode(text, at)
+            except ValueError:
+                return None
+            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+                return None
+            parsed = _parse_call(json.dumps({"name": obj["name"], "arguments": obj.get(
+                "parameters", obj.get("arguments", {}))}))
+            if parsed is None:
+                return None
+            calls.append(parsed)
+            while at < len(text) and text[at] in " \t\n;":
+                at += 1
+        return calls or None
+
+
+PARSERS = {"hermes": HermesToolParser, "qwen25": HermesToolParser,
+           "llama3_json": Llama3JsonToolParser}
+
+
+def parse_tool_calls(text: str, fmt: str = "hermes") -> tuple[str, list[ToolCall]]:
+    """A whole output → (content without the calls, the calls)."""
+    parser = PARSERS[fmt]()
     content, calls = parser.feed(text)
-    return content + parser.finish(), calls
+    rest, more = parser.finish()
+    return content + rest, calls + more

@@ -26,7 +26,7 @@ def _streamed(parser, pieces, reason="stop"):
 
 
 def test_whole_message():
-    message = whole_message(ChatOutputParser(reasoning=True, tools=True), TEXT)
+    message = whole_message(ChatOutputParser(reasoning=True, tools="hermes"), TEXT)
     assert message["reasoning_content"] == "The user wants weather.\n"
     assert message["content"] == "Let me check.\n\n"
     got = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
@@ -36,7 +36,7 @@ def test_whole_message():
 
 
 def test_calls_only_leave_content_none_and_finish_with_tool_calls():
-    parser = ChatOutputParser(tools=True)
+    parser = ChatOutputParser(tools="hermes")
     message = whole_message(parser, f"<tool_call>\n{WEATHER}\n</tool_call>")
     assert message["content"] is None and len(message["tool_calls"]) == 1
     assert parser.finish_reason("stop") == "tool_calls"
@@ -45,8 +45,8 @@ def test_calls_only_leave_content_none_and_finish_with_tool_calls():
 
 @pytest.mark.parametrize("cut", range(0, len(TEXT) + 1, 3))
 def test_streamed_at_every_split_equals_whole(cut):
-    whole = whole_message(ChatOutputParser(reasoning=True, tools=True), TEXT)
-    fields, calls, reason = _streamed(ChatOutputParser(reasoning=True, tools=True),
+    whole = whole_message(ChatOutputParser(reasoning=True, tools="hermes"), TEXT)
+    fields, calls, reason = _streamed(ChatOutputParser(reasoning=True, tools="hermes"),
                                       [TEXT[:cut], TEXT[cut:]])
     assert fields["reasoning_content"] == whole["reasoning_content"]
     assert fields["content"] == whole["content"]
@@ -55,7 +55,7 @@ def test_streamed_at_every_split_equals_whole(cut):
 
 
 def test_one_character_at_a_time_never_leaks_a_tag():
-    fields, calls, _ = _streamed(ChatOutputParser(reasoning=True, tools=True), list(TEXT))
+    fields, calls, _ = _streamed(ChatOutputParser(reasoning=True, tools="hermes"), list(TEXT))
     assert "<" not in fields["content"] + fields["reasoning_content"] and len(calls) == 2
 
 

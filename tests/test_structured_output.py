@@ -113,3 +113,28 @@ def test_bad_grammars_are_request_errors(engine):
             engine.add_request([1, 2, 3], _params(constraint))
         assert e.value.param == "response_format" and "invalid" in str(e.value)
     assert not engine.has_work()
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json"])
+def test_tool_call_grammar_output_parses_back(engine, fmt):
+    from sgljax.server.protocol import Tool
+    from sgljax.server.tool_calls import calls_grammar
+    from sgljax.server.tool_parser import parse_tool_calls
+
+    params = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    tools = [Tool.model_validate({"type": "function", "function": {"name": name,
+                                                                   "parameters": params}})
+             for name in ("alpha", "beta")]
+    constraint = Constraint("lark", calls_grammar(engine.tokenizer, tools, True, fmt), "tools")
+    outs = engine.generate([[300, 400, 500]] * 4,
+                           [_params(constraint, seed=s, max_tokens=150) for s in range(4)])
+    for out in outs:
+        if out["finish_reason"] != "stop":  # several calls may run past max_tokens
+            continue
+        content, calls = parse_tool_calls(out["text"], fmt)
+        assert content.strip() == "" and calls, out
+        for call in calls:
+            assert call.name in ("alpha", "beta") and 0 <= json.loads(call.arguments)["n"] <= 99
+    assert any(o["finish_reason"] == "stop" for o in outs)

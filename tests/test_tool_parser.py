@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sgljax.server.tool_parser import HermesToolParser, parse_tool_calls
+from sgljax.server.tool_parser import HermesToolParser, Llama3JsonToolParser, parse_tool_calls
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
 TIME = '{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}'
@@ -45,15 +45,45 @@ def test_split_at_every_position(text, content, calls):
             c, closed = parser.feed(piece)
             got_content += c
             got_calls += closed
-        got_content += parser.finish()
+        rest, more = parser.finish()
+        got_content += rest
+        got_calls += more
         assert (got_content, _calls(got_calls)) == (content, calls), cut
 
 
 def test_a_tag_never_leaks_into_streamed_content():
     text = f"Sure.<tool_call>\n{TIME}\n</tool_call>"
     parser = HermesToolParser()
-    streamed = [parser.feed(ch)[0] for ch in text] + [parser.finish()]
+    streamed = [parser.feed(ch)[0] for ch in text] + [parser.finish()[0]]
     assert all("<" not in piece for piece in streamed)
     assert "".join(streamed) == "Sure."
     assert [c.to_openai()["function"]["name"] for c in parser.calls] == ["get_time"]
     assert parser.calls[0].to_openai()["type"] == "function"
+
+
+LLAMA_CASES = [
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}', "",
+     [("get_weather", {"city": "Paris"})]),
+    ('<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": [1]}}',
+     "", [("a", {}), ("b", {"x": [1]})]),
+    ("  \n{\"name\": \"f\", \"arguments\": {\"q\": \"日本\"}}", "", [("f", {"q": "日本"})]),
+    ("The weather is fine.", "The weather is fine.", []),
+    ('{"not": "a call"}', '{"not": "a call"}', []),
+    ('{"name": "f", "parameters": {"x": ', '{"name": "f", "parameters": {"x": ', []),  # cut off
+]
+
+
+@pytest.mark.parametrize("text,content,calls", LLAMA_CASES)
+def test_llama3_json_at_every_split(text, content, calls):
+    assert (lambda c: (c[0], _calls(c[1])))(parse_tool_calls(text, "llama3_json")) == (
+        content, calls)
+    for cut in range(len(text) + 1):
+        parser = Llama3JsonToolParser()
+        got_content, got_calls = "", []
+        for piece in (text[:cut], text[cut:]):
+            c, closed = parser.feed(piece)
+            got_content += c
+            got_calls += closed
+        rest, more = parser.finish()
+        assert (got_content + rest, _calls(got_calls + more)) == (content, calls), cut
+        assert [c.index for c in got_calls + more] == list(range(len(calls)))
