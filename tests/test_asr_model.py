@@ -1,0 +1,96 @@
+"""Qwen3-ASR's audio side against transformers: log-mel features and encoder outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sgljax.engine.asr_config import AsrConfig
+from sgljax.engine.asr_features import audio_features, log_mel, num_audio_tokens
+from tiny_asr import SR, build_tiny_asr, synth_audio
+
+# Clip lengths (seconds): under the 0.5 s minimum, inside one chunk, not a multiple of a
+# chunk or a hop, exactly two windows, and several windows with a partial last chunk.
+LENGTHS = [0.3, 0.77, 1.0, 2.0, 3.456, 5.01]
+
+
+@pytest.fixture(scope="module")
+def tiny_asr(tmp_path_factory):
+    return build_tiny_asr(tmp_path_factory.mktemp("asr") / "tiny")
+
+
+def _hf_features(audio):
+    from transformers import Qwen3ASRFeatureExtractor
+
+    # As Qwen3ASRProcessor calls it for one clip (its audio_kwargs).
+    out = Qwen3ASRFeatureExtractor()(audio, sampling_rate=SR, padding=True,
+                                     return_attention_mask=True, n_window=50,
+                                     return_tensors="np")
+    return out["input_features"], out["attention_mask"]
+
+
+@pytest.mark.parametrize("seconds", LENGTHS)
+def test_log_mel_matches_transformers(seconds):
+    audio = synth_audio(seconds, seed=int(seconds * 100))
+    ref, mask = _hf_features(audio)
+    frames = int(mask.sum())
+    ours = log_mel(audio)
+    assert ours.shape == (128, frames)
+    # transformers pads the frame axis to whole chunks with zeros; we do that per window.
+    assert np.all(ref[0, :, frames:] == 0)
+    # torch's float32 STFT against our float64 one: features are O(1) log10 values, and
+    # the largest differences (about 2.4e-5 seen) sit in low-energy bins.
+    np.testing.assert_allclose(ours, ref[0, :, :frames], atol=5e-5, rtol=0)
+
+
+def test_audio_token_counts_match_processor():
+    from transformers.models.qwen3_asr.processing_qwen3_asr import Qwen3ASRProcessor
+    import torch
+
+    from sgljax.engine.asr_config import AudioEncoderConfig
+
+    enc = AudioEncoderConfig.from_hf_dict(dict(encoder_layers=1, encoder_attention_heads=1,
+                                               encoder_ffn_dim=8, d_model=8, output_dim=8))
+    frames = torch.arange(1, 3001)
+    want = Qwen3ASRProcessor._get_audio_token_length(None, frames, 50)
+    got = [num_audio_tokens(int(f), enc) for f in frames]
+    assert got == list(want)
+
+
+def _hf_audio_embeds(model_dir, audios):
+    import torch
+    from transformers import Qwen3ASRForConditionalGeneration
+
+    model = Qwen3ASRForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    for audio in audios:  # one clip at a time, as the processor pads a batch to its longest
+        feats, mask = _hf_features(audio)
+        with torch.no_grad():
+            emb = model.get_audio_features(torch.from_numpy(feats), torch.from_numpy(mask),
+                                           return_dict=True).pooler_output
+        outs.append(emb.numpy())
+    return outs
+
+
+def test_encoder_matches_transformers(tiny_asr):
+    from sgljax.engine.asr_loader import load_audio_params
+    from sgljax.engine.asr_runner import AudioEncoderRunner
+    from sgljax.engine.mesh import make_mesh
+
+    cfg = AsrConfig.from_dir(tiny_asr)
+    assert cfg.encoder.chunks_per_window == 2  # n_window_infer 200: several windows per clip
+    audios = [synth_audio(s, seed=i) for i, s in enumerate(LENGTHS)]
+    want = _hf_audio_embeds(tiny_asr, audios)
+    runner = AudioEncoderRunner(cfg.encoder, load_audio_params(tiny_asr, cfg), make_mesh(1),
+                                max_windows=4)
+    clips = [audio_features(a, cfg.encoder) for a in audios]
+    together = runner.encode(clips)  # all clips in one stream of windows (several calls)
+    alone = [runner.encode([c])[0] for c in clips]
+    assert set(runner._executables) <= set(runner.buckets)  # compiled per bucket only
+    scale = max(float(np.abs(w).max()) for w in want)
+    for w, t, a, clip in zip(want, together, alone, clips):
+        assert t.shape == w.shape == (clip.num_tokens, 64)
+        np.testing.assert_allclose(t, w, atol=1e-5 * scale, rtol=0)
+        # Batched or alone, a clip's windows are the same computation, but in another
+        # bucket shape XLA may order float sums differently (about 1e-7 seen).
+        np.testing.assert_allclose(t, a, atol=1e-6 * scale, rtol=0)
