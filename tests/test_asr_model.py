@@ -94,3 +94,91 @@ def test_encoder_matches_transformers(tiny_asr):
         # Batched or alone, a clip's windows are the same computation, but in another
         # bucket shape XLA may order float sums differently (about 1e-7 seen).
         np.testing.assert_allclose(t, a, atol=1e-6 * scale, rtol=0)
+
+
+# -- checkpoint, tokenizer, prompt -------------------------------------------------
+
+# transformers' test_chat_template: the released template's prompt for one clip.
+RELEASED_PROMPT = ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n"
+                   "<|audio_start|><|audio_pad|><|audio_end|><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_prompt_layout_is_the_released_templates():
+    from sgljax.engine.asr_prompt import prompt_text
+
+    assert prompt_text() == RELEASED_PROMPT
+    assert prompt_text(language="en") == RELEASED_PROMPT + "language English<asr_text>"
+    assert prompt_text(context="Names: Ada") == RELEASED_PROMPT.replace(
+        "system\n", "system\nNames: Ada", 1)
+
+
+@pytest.mark.parametrize("language,context", [(None, None), ("en", None), ("French", "sgljax, XLA"),
+                                              ("yue", "")])
+def test_prompt_ids_match_processor(tiny_asr, language, context):
+    from sgljax.engine.asr_prompt import expand_audio_pads, prompt_text
+    from sgljax.engine.tokenizer import Tokenizer
+    from tiny_asr import hf_processor
+
+    cfg = AsrConfig.from_dir(tiny_asr)
+    tok = Tokenizer(tiny_asr)
+    proc = hf_processor(tiny_asr)
+    for seconds in (0.3, 2.0, 3.456):
+        audio = synth_audio(seconds)
+        want = proc.apply_transcription_request(audio=audio, language=language, prompt=context)
+        ids = tok.encode(prompt_text(1, language, context), add_special_tokens=False)
+        ids = expand_audio_pads(ids, cfg.audio_token_id,
+                                [audio_features(audio, cfg.encoder).num_tokens])
+        assert ids == want["input_ids"][0].tolist()
+
+
+def test_tokenizer_and_config_agree_on_audio_tokens(tiny_asr):
+    from sgljax.engine.tokenizer import Tokenizer
+    from tiny_asr import hf_config_dict
+
+    cfg = AsrConfig.from_dir(tiny_asr)
+    tok = Tokenizer(tiny_asr).hf
+    assert cfg.audio_token_id == hf_config_dict(tiny_asr)["audio_token_id"] == 151676
+    ids = tok.convert_tokens_to_ids(["<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
+                                     "<asr_text>"])
+    assert ids == [cfg.audio_start_id, cfg.audio_end_id, cfg.audio_token_id, 151704]
+    # <asr_text> survives skip_special_tokens (transformers' parse relies on it); audio does not.
+    text = tok.decode([151669, 151676, 151670, 151704], skip_special_tokens=True)
+    assert text == "<asr_text>"
+
+
+def test_decoder_weights_load_from_the_asr_checkpoint(tiny_asr):
+    import torch
+    from transformers import Qwen3ASRForConditionalGeneration
+
+    from sgljax.engine.loader import load_model
+    from sgljax.engine.mesh import make_mesh
+
+    loaded = load_model(tiny_asr, make_mesh(1))
+    assert loaded.config.architecture == "Qwen3ForCausalLM" and loaded.config.qk_norm
+    assert loaded.config.tie_word_embeddings and loaded.config.eos_token_ids == (151643, 151645)
+    hf = Qwen3ASRForConditionalGeneration.from_pretrained(tiny_asr, dtype=torch.float32)
+    lm = hf.model.language_model
+    top, layers = loaded.model.weights()
+    np.testing.assert_array_equal(np.asarray(top["embed"]), lm.embed_tokens.weight.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(layers["q_proj"][1]),
+                                  lm.layers[1].self_attn.q_proj.weight.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(layers["k_norm"][0]),
+                                  lm.layers[0].self_attn.k_norm.weight.detach().numpy())
+
+
+@pytest.mark.parametrize("text,forced,want", [
+    ("language English<asr_text>Hello there.", None, ("Hello there.", "English")),
+    ("language None<asr_text>", None, ("", None)),
+    ("Bonjour.", "fr", ("Bonjour.", "French")),
+    ("no marker at all", None, ("no marker at all", None)),
+])
+def test_parse_transcription(text, forced, want):
+    from transformers.models.qwen3_asr.processing_qwen3_asr import _parse_single_output
+
+    from sgljax.engine.asr_prompt import parse_transcription
+
+    got = parse_transcription(text, forced)
+    assert (got.text, got.language) == want
+    if forced is None:  # transformers' parser agrees where it sees the same text
+        ref = _parse_single_output(text)
+        assert (ref["transcription"], ref["language"]) == want
