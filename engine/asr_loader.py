@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sgljax.engine import checkpoint
 from sgljax.engine.asr_config import AUDIO_PREFIXES, PROJECTOR_PREFIXES, AsrConfig
 from sgljax.engine.asr_encoder import params_from_tensors
 from sgljax.engine.weights import WeightsError, safetensors_getter
@@ -26,8 +27,15 @@ def _prefix(names, candidates, what: str, folder: Path) -> str | None:
 
 
 def load_audio_params(path: str | Path, cfg: AsrConfig, dtype=np.float32) -> dict:
-    """The encoder's params pytree (numpy), read from the folder's safetensors."""
+    """The encoder's params pytree (numpy): from the folder's safetensors, or from the
+    audio checkpoint of a folder made by ``sgljax convert``."""
     folder = Path(path)
+    if checkpoint.is_converted(folder):
+        from sgljax.engine.asr_checkpoint import restore_audio_params
+
+        params = restore_audio_params(folder, cfg)
+        return {k: (v.astype(dtype) if k != "layers" else
+                    {n: a.astype(dtype) for n, a in v.items()}) for k, v in params.items()}
     get = safetensors_getter(folder)
     tower = _prefix(get.names, AUDIO_PREFIXES, "audio encoder", folder)
     projector = _prefix(get.names, PROJECTOR_PREFIXES, "", folder)

@@ -42,6 +42,12 @@ class AudioEncoderRunner:
     def window_frames(self) -> int:
         return self.cfg.chunks_per_window * self.cfg.chunk_frames
 
+    def bucket_for_frames(self, frames: int) -> int:
+        """The bucket one clip of ``frames`` mel frames runs in (the biggest, for a clip
+        longer than it: such a clip runs as several calls of it)."""
+        windows = -(-max(frames, 1) // self.window_frames)
+        return pick(self.buckets, min(windows, self.buckets[-1]))
+
     def _executable(self, windows: int):
         exe = self._executables.get(windows)
         if exe is None:
@@ -60,6 +66,7 @@ class AudioEncoderRunner:
     def warmup(self, buckets: list[int] | None = None) -> list[tuple[int, float]]:
         """Compile every bucket (or the given ones); returns (windows, seconds) each."""
         out = []
+        self.warmed_up = False  # compiles now are warmup's, not misses
         for b in buckets or self.buckets:
             t0 = time.perf_counter()
             self._executable(b)
@@ -71,8 +78,8 @@ class AudioEncoderRunner:
         """Each clip's encoder outputs, (num_tokens, output_dim) float32 on the host, in the
         order of the prompt's ``<|audio_pad|>`` tokens.
 
-        Windows are independent, so every clip's windows go into one stream, run in
-        pieces of at most the biggest bucket (a long clip may span several calls)."""
+        Windows are independent, so every clip's windows go into one stream, cut into
+        calls of the buckets ``call_sizes`` picks (a long clip may span several)."""
         if not clips:
             return []
         span = self.window_frames
@@ -80,11 +87,12 @@ class AudioEncoderRunner:
         valid = np.concatenate([np.clip(c.frames - np.arange(c.num_windows) * span, 0, span)
                                 for c in clips]).astype(np.int32)
         tokens, masks = [], []
-        biggest = self.buckets[-1]
-        for at in range(0, len(windows), biggest):
-            t, m = self._run(windows[at:at + biggest], valid[at:at + biggest])
+        at = 0
+        for size in self.call_sizes(len(windows)):
+            t, m = self._run(windows[at:at + size], valid[at:at + size])
             tokens.append(t)
             masks.append(m)
+            at += size
         tokens, masks = np.concatenate(tokens), np.concatenate(masks)
         out, at = [], 0
         for clip in clips:
@@ -95,10 +103,28 @@ class AudioEncoderRunner:
             at += w
         return out
 
+    def call_sizes(self, n: int) -> list[int]:
+        """Windows per call for ``n`` windows: pieces of the biggest usable bucket, the last
+        one padded to the smallest usable bucket that holds it. After warmup only warmed
+        buckets are usable, so clips whose windows sum to an unwarmed bucket run as
+        warmed calls instead of compiling."""
+        biggest = self.usable_buckets[-1]
+        sizes = []
+        while n > 0:
+            sizes.append(min(n, biggest))
+            n -= sizes[-1]
+        return sizes
+
+    @property
+    def usable_buckets(self) -> list[int]:
+        """Every bucket before warmup; the warmed ones after it."""
+        return sorted(self._executables) if self.warmed_up and self._executables else self.buckets
+
     def _run(self, windows: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One encoder call over up to the biggest bucket's windows, padded to a bucket."""
+        """One encoder call over up to the biggest usable bucket's windows, padded to the
+        smallest usable bucket that holds them."""
         n = len(windows)
-        bucket = pick(self.buckets, n)
+        bucket = pick(self.usable_buckets, n)
         batch = np.zeros((bucket, *windows.shape[1:]), np.float32)
         batch[:n] = windows
         frames = np.zeros((bucket,), np.int32)

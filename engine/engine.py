@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import jax.numpy as jnp
+import numpy as np
 
 from sgljax.engine.args import EngineArgs
 from sgljax.engine.asr_frontend import AudioFrontend
@@ -324,6 +325,40 @@ class Engine:
         if self._leader is not None:
             self._leader.send("warm")
         return len(shapes) + len(encoder)
+
+    def warmup_asr(self, frame_paddings: list[int] | None = None,
+                   token_paddings: list[int] | None = None) -> dict:
+        """Precompile what audio requests need, then transcribe self-made audio to prove it.
+
+        ``frame_paddings``: clip lengths in mel frames (100 a second) to expect; each
+        compiles the encoder bucket its windows fall in (default: every bucket).
+        ``token_paddings``: prefill token buckets whose audio-embedding form to compile
+        (default: every one of the plan's). Then one clip of each length is transcribed
+        (one token) to run the whole path; ``unwarmed`` counts what that still compiled.
+        """
+        if self.audio is None:
+            raise RequestError("this model does not take audio", "audio")
+        t0 = time.perf_counter()
+        enc = self.audio.runner
+        frames = sorted(frame_paddings or [b * enc.window_frames for b in enc.buckets])
+        buckets = sorted({enc.bucket_for_frames(f) for f in frames})
+        enc.warmup(buckets)
+        Qs = set(token_paddings or self.plan.prefill_tokens)
+        shapes = [(S, Q, P) for prefill, S, Q, P in self.plan.all_shapes() if prefill and Q in Qs]
+        for S, Q, P in shapes:
+            self.runner.warmup_shape(S, Q, P, embeds=True)
+        before = self.compile_stats.compiles + enc.unwarmed_shapes
+        rng = np.random.default_rng(0)
+        clips = [(0.1 * rng.standard_normal(f * 160)).astype(np.float32) for f in frames]
+        self.transcribe(clips, "en", params=SamplingParams(max_tokens=1, temperature=0))
+        self.flush_cache()  # the made-up audio is no prefix anyone will share
+        return {"encoder_buckets": buckets, "prefill_shapes": len(shapes),
+                "unwarmed": self.compile_stats.compiles + enc.unwarmed_shapes - before,
+                "seconds": round(time.perf_counter() - t0, 2)}
+
+    def unwarmed_audio_shapes(self) -> int:
+        """Audio encoder buckets compiled after their warmup (0 when serving is healthy)."""
+        return self.audio.runner.unwarmed_shapes if self.audio is not None else 0
 
     def _mark_warm(self) -> None:
         """From now on every compile is one the bucket plan missed."""

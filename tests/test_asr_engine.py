@@ -133,3 +133,34 @@ def test_no_compiles_after_warmup(tiny_asr, tmp_path):
                      audio=[[c] for c in clips] + [None])
     assert eng.compiles_since_warmup() == 0
     assert eng.audio.runner.unwarmed_shapes == 0
+
+
+def test_converted_checkpoint_serves_the_same_transcriptions(tiny_asr, engine, tmp_path):
+    from sgljax.engine.convert import convert_model
+
+    manifest = convert_model(tiny_asr, tmp_path / "converted")
+    assert manifest["architecture"] == "Qwen3ForCausalLM"
+    assert "layers.q_w" in manifest["audio_tensors"] and "conv1_w" in manifest["audio_tensors"]
+    conv = Engine(model_path=str(tmp_path / "converted"), page_size=4, chunked_prefill_size=16,
+                  max_running_requests=8, max_prefill_seqs=4, context_length=512,
+                  max_total_tokens=8192)
+    prompt = engine.transcription_prompt(1, "en")
+    clips = _clips()
+    want = engine.generate([prompt] * len(clips), GREEDY, audio=[[c] for c in clips])
+    got = conv.generate([prompt] * len(clips), GREEDY, audio=[[c] for c in clips])
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
+
+
+def test_warmup_asr_compiles_what_audio_needs(tiny_asr, tmp_path):
+    eng = Engine(model_path=str(tiny_asr), compilation_cache_dir=str(tmp_path), page_size=4,
+                 chunked_prefill_size=32, max_running_requests=4, max_prefill_seqs=4,
+                 context_length=256, max_total_tokens=2048)
+    span = eng.audio.runner.window_frames  # 200 frames: 2 s per window in the tiny model
+    out = eng.warmup_asr(frame_paddings=[150, 700], token_paddings=[32])
+    assert out["encoder_buckets"] == [1, 4] and out["unwarmed"] == 0, out
+    assert out["prefill_shapes"] == sum(1 for s in eng.plan.all_shapes() if s[0] and s[2] == 32)
+    eng.warmup()  # the rest; from here on every compile counts
+    assert eng.unwarmed_audio_shapes() == 0
+    eng.transcribe([synth_audio(9 * span / 100, seed=9)],  # 9 windows: the 16 bucket
+                   params=SamplingParams(max_tokens=2, temperature=0))
+    assert eng.compiles_since_warmup() == 0 and eng.unwarmed_audio_shapes() == 0
