@@ -164,3 +164,30 @@ def test_warmup_asr_compiles_what_audio_needs(tiny_asr, tmp_path):
     eng.transcribe([synth_audio(9 * span / 100, seed=9)],  # 9 windows: the 16 bucket
                    params=SamplingParams(max_tokens=2, temperature=0))
     assert eng.compiles_since_warmup() == 0 and eng.unwarmed_audio_shapes() == 0
+
+
+def test_preempted_audio_request_resumes_without_re_encoding(tiny_asr, engine):
+    prompt = engine.transcription_prompt()
+    clips = [synth_audio(2.0, seed=21), synth_audio(2.2, seed=22), synth_audio(1.9, seed=23)]
+    alone = [engine.generate([prompt], GREEDY, audio=[[c]])[0]["token_ids"] for c in clips]
+    # Room for about two of the three requests: decoding runs out of pages and preempts.
+    small = Engine(model_path=str(tiny_asr), page_size=4, chunked_prefill_size=64,
+                   max_running_requests=3, max_prefill_seqs=3, context_length=96,
+                   max_total_tokens=96, disable_radix_cache=True)
+    seqs = [small.add_request(prompt, GREEDY, audio=[c]) for c in clips]
+    while any(not s.finished for s in seqs) or small.has_work():
+        small.step()
+    assert sum(s.num_preemptions for s in seqs) > 0
+    assert small.audio.runner.calls == 1  # encoded once, together; never again on resume
+    assert [list(s.output_ids) for s in seqs] == alone
+
+
+def test_tensor_parallel_gives_the_same_transcriptions(tiny_asr, engine):
+    prompt = engine.transcription_prompt(1, "en")
+    clips = _clips()[:2]
+    want = engine.generate([prompt] * 2, GREEDY, audio=[[c] for c in clips])
+    tp2 = Engine(model_path=str(tiny_asr), tp_size=2, page_size=4, chunked_prefill_size=16,
+                 max_running_requests=8, max_prefill_seqs=4, context_length=512,
+                 max_total_tokens=8192)
+    got = tp2.generate([prompt] * 2, GREEDY, audio=[[c] for c in clips])
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]

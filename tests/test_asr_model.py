@@ -72,14 +72,25 @@ def _hf_audio_embeds(model_dir, audios):
     return outs
 
 
-def test_encoder_matches_transformers(tiny_asr):
+@pytest.fixture(scope="module")
+def tiny_asr_800(tmp_path_factory):
+    """The released encoders' attention window: 800 frames (8 chunks)."""
+    return build_tiny_asr(tmp_path_factory.mktemp("asr800") / "tiny", seed=1, n_window_infer=800)
+
+
+@pytest.mark.parametrize("which", ["window_200", "window_800"])
+def test_encoder_matches_transformers(which, request):
     from sgljax.engine.asr_loader import load_audio_params
     from sgljax.engine.asr_runner import AudioEncoderRunner
     from sgljax.engine.mesh import make_mesh
 
+    tiny_asr = request.getfixturevalue("tiny_asr" if which == "window_200" else "tiny_asr_800")
     cfg = AsrConfig.from_dir(tiny_asr)
-    assert cfg.encoder.chunks_per_window == 2  # n_window_infer 200: several windows per clip
-    audios = [synth_audio(s, seed=i) for i, s in enumerate(LENGTHS)]
+    # n_window_infer 200: 2 chunks a window, several windows per clip; 800 (the released
+    # models'): 8 chunks, and the 9.3 s clip spans two windows.
+    assert cfg.encoder.chunks_per_window == (2 if which == "window_200" else 8)
+    lengths = LENGTHS + ([9.3] if which == "window_800" else [])
+    audios = [synth_audio(s, seed=i) for i, s in enumerate(lengths)]
     want = _hf_audio_embeds(tiny_asr, audios)
     runner = AudioEncoderRunner(cfg.encoder, load_audio_params(tiny_asr, cfg), make_mesh(1),
                                 max_windows=4)
