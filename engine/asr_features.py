@@ -52,6 +52,7 @@ def mel_filters(num_mels: int, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RAT
 
 _FILTERS: dict[int, np.ndarray] = {}
 _WINDOW = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic Hann
+_BLOCK = 4096  # STFT frames per block
 
 
 def log_mel(audio: np.ndarray, num_mels: int = 128) -> np.ndarray:
@@ -63,10 +64,13 @@ def log_mel(audio: np.ndarray, num_mels: int = 128) -> np.ndarray:
     x = np.pad(x.astype(np.float64), N_FFT // 2, mode="reflect")
     frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP]
     frames = frames[:-1]  # the STFT's last frame is dropped, as Whisper-style extractors do
-    power = np.abs(np.fft.rfft(frames * _WINDOW, axis=-1)) ** 2  # (frames, bins)
     if num_mels not in _FILTERS:
         _FILTERS[num_mels] = mel_filters(num_mels)
-    mel = power @ _FILTERS[num_mels]
+    filters = _FILTERS[num_mels]
+    mel = np.empty((len(frames), num_mels))
+    for at in range(0, len(frames), _BLOCK):  # in blocks: a 20-minute clip's frames at once
+        block = frames[at:at + _BLOCK] * _WINDOW  # would take about 0.4 GB of float64
+        mel[at:at + _BLOCK] = (np.abs(np.fft.rfft(block, axis=-1)) ** 2) @ filters
     log = np.log10(np.maximum(mel, 1e-10))
     log = np.maximum(log, log.max() - 8.0)
     return ((log + 4.0) / 4.0).T.astype(np.float32)

@@ -193,3 +193,46 @@ def test_parse_transcription(text, forced, want):
     if forced is None:  # transformers' parser agrees where it sees the same text
         ref = _parse_single_output(text)
         assert (ref["transcription"], ref["language"]) == want
+
+
+# -- audio in ------------------------------------------------------------------------
+
+def _wav(samples: np.ndarray, rate: int, width: int, channels: int = 1) -> bytes:
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        if width == 1:
+            w.writeframes((np.clip(samples, -1, 1) * 127 + 128).astype(np.uint8).tobytes())
+        else:
+            w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("rate,width", [(16000, 2), (44100, 2), (8000, 1), (48000, 2)])
+def test_wav_decodes_and_resamples_to_16k(rate, width):
+    from sgljax.engine.asr_audio import load_audio
+
+    t = np.arange(int(rate * 1.5)) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+    x = load_audio(_wav(tone, rate, width))
+    assert x.dtype == np.float32 and abs(len(x) - 24000) <= 1
+    spectrum = np.abs(np.fft.rfft(x[2000:-2000]))
+    peak_hz = np.argmax(spectrum) * SR / (len(x) - 4000)
+    assert abs(peak_hz - 440.0) < 2.0  # the tone survives resampling
+    assert abs(np.abs(x[2000:-2000]).max() - 0.5) < 0.02
+
+
+def test_stereo_wav_is_averaged_and_junk_refused():
+    from sgljax.engine.asr_audio import AudioDecodeError, load_audio
+
+    left = np.full(1600, 0.5, np.float32)
+    stereo = np.stack([left, -left * 0], axis=1).reshape(-1)  # right channel silent
+    x = load_audio(_wav(stereo, 16000, 2, channels=2))
+    assert len(x) == 1600 and np.allclose(x, 0.25, atol=1e-3)
+    with pytest.raises(AudioDecodeError):
+        load_audio(b"ID3\x03not a wav at all")
