@@ -45,6 +45,12 @@ class StepBatch:
     # (S,) int32: the row of the previous step whose sampled token is this row's first input
     # token (the overlap schedule packs a step before the host knows that token), or -1.
     prev_rows: jax.Array
+    # Embedding override (prefill steps of audio prompts only; None otherwise, which keeps
+    # text-only steps as they were): (S * Q, D) float32 rows that replace the token
+    # embedding where ``embed_mask`` (S * Q,) bool is set (Qwen3-ASR's <|audio_pad|>
+    # positions take the audio encoder's outputs). Part of the step's bucket key.
+    embeds: jax.Array | None = None
+    embed_mask: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sgljax.engine.asr_config import is_asr_config, text_config_dict
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -84,6 +86,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict) -> "ModelConfig":
+        if is_asr_config(cfg):  # Qwen3-ASR: its text side is a plain Qwen3 decoder
+            cfg = text_config_dict(cfg)
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:

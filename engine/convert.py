@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from sgljax.engine import checkpoint
+from sgljax.engine.asr_config import AsrConfig, is_asr_config
 from sgljax.engine.config import ModelConfig
 from sgljax.engine.gguf_tokenizer import save_gguf_tokenizer
 from sgljax.engine.mesh import make_mesh
@@ -322,6 +323,7 @@ def _write(src: Source, cfg: ModelConfig, out: Path, jdtype, np_dtype, tp_size: 
         writer.add(name, placed)
         del placed
     writer.finish()
+    audio = _write_audio(src, out, np_dtype) if is_asr_config(src.config) else None
     manifest = {
         "format": checkpoint.FORMAT_VERSION,
         "source": {"kind": src.kind, "path": str(src.path.resolve()), "label": src.label},
@@ -339,8 +341,19 @@ def _write(src: Source, cfg: ModelConfig, out: Path, jdtype, np_dtype, tp_size: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "convert_seconds": round(time.perf_counter() - t0, 2),
     }
+    if audio is not None:  # Qwen3-ASR: the audio encoder's own checkpoint
+        manifest["audio_tensors"] = audio
     (out / checkpoint.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _write_audio(src: Source, out: Path, np_dtype) -> dict:
+    """Qwen3-ASR sources: the encoder + projector into their own Orbax checkpoint."""
+    from sgljax.engine.asr_checkpoint import write_audio_checkpoint
+    from sgljax.engine.asr_loader import load_audio_params
+
+    return write_audio_checkpoint(load_audio_params(src.path, AsrConfig.from_hf_dict(src.config)),
+                                  out, np_dtype)
 
 
 def ensure_converted(source: Path, output: Path, label: str | None = None,

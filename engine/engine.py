@@ -15,10 +15,14 @@ import time
 from dataclasses import dataclass
 
 import jax.numpy as jnp
+import numpy as np
 
 from sgljax.engine.args import EngineArgs
+from sgljax.engine.asr_frontend import AudioFrontend
+from sgljax.engine.asr_prompt import parse_transcription
 from sgljax.engine.buckets import new_seqs_per_prefill, plan_buckets
 from sgljax.engine.compile_cache import enable_persistent_cache, watch_compilations
+from sgljax.engine.config import ModelConfigError
 from sgljax.engine.kv_cache import KVCacheSpec, PagePool
 from sgljax.engine.loader import load_model
 from sgljax.engine.model_files import resolve_model_path
@@ -33,7 +37,7 @@ from sgljax.engine.outputs import Completion, EngineStats, RequestOutput
 from sgljax.engine.pathways import init_backend
 from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
 from sgljax.engine.request import Sequence
-from sgljax.engine.sampling_params import RequestLimits, SamplingParams
+from sgljax.engine.sampling_params import RequestError, RequestLimits, SamplingParams
 from sgljax.engine.step_clock import StepClock
 from sgljax.engine.scheduler import Scheduler, SchedulerConfig
 from sgljax.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -66,6 +70,10 @@ class Engine:
         self.model_config = cfg = loaded.config
         self.model_path = loaded.path
         self.tokenizer = Tokenizer(loaded.path)
+        # Qwen3-ASR checkpoints: the audio encoder beside the decoder (None: text only).
+        self.audio = AudioFrontend.maybe(loaded.path, self.mesh)
+        if self.audio is not None and args.nnodes > 1:  # the encoder runs on one host's devices
+            raise ModelConfigError("audio models are served on one host only (--nnodes 1)")
         # What the HTTP routes sample with when a request leaves a field out.
         self.generation_defaults = read_generation_defaults(loaded.path)
         self.context_length = min(args.context_length or cfg.max_position_embeddings,
@@ -142,11 +150,20 @@ class Engine:
 
     # -- requests ------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    rid: str | None = None) -> Sequence:
+                    rid: str | None = None, audio: list | None = None) -> Sequence:
         """Tokenize (text prompts), validate and queue a request; RequestError if it
-        cannot be served as asked (the same checks as the HTTP routes')."""
+        cannot be served as asked (the same checks as the HTTP routes').
+
+        ``audio`` (ASR models): mono 16 kHz float32 clips, one per ``<|audio_pad|>`` run
+        of the prompt, in order; a single placeholder per clip is expanded to the clip's
+        encoder outputs (``transcription_prompt`` writes such prompts)."""
         params = SamplingParams(**vars(params)) if params else SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        audio_fields = {}
+        if audio is not None and len(audio):
+            if self.audio is None:
+                raise RequestError("this model does not take audio", "audio")
+            ids, audio_fields = self.audio.prepare(ids, audio)
         params.validate(self.limits, ids)
         if params.seed is None:
             params.seed = self._rng.getrandbits(32)
@@ -154,7 +171,8 @@ class Engine:
             frozenset() if params.ignore_eos else self.eos_ids)
         grammar = (self.grammars.matcher(params.constraint)
                    if params.constraint is not None else None)
-        seq = Sequence(prompt_ids=ids, params=params, stop_ids=stop_ids, grammar=grammar)
+        seq = Sequence(prompt_ids=ids, params=params, stop_ids=stop_ids, grammar=grammar,
+                       **audio_fields)
         if rid is not None:
             seq.rid = rid
         self._detok[seq.rid] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
@@ -197,6 +215,8 @@ class Engine:
         """
         results = []
         prepare_started = time.monotonic()
+        if self.audio is not None:  # new audio requests' clips, encoded in one batch
+            self.audio.encode_pending(self.scheduler.waiting)
         if self._in_flight is None:
             self.clock.queue.clear()  # nothing in flight (a failed step may have left one)
         if self._in_flight is not None and not self._may_overlap():
@@ -251,13 +271,16 @@ class Engine:
 
     # -- the offline API -----------------------------------------------------------
     def generate(self, prompts: list[str | list[int]] | str,
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[dict]:
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 audio: list[list | None] | None = None) -> list[dict]:
         """Run prompts to completion; returns [{"text", "token_ids", "finish_reason",
-        "logprobs", "top_logprobs"}] (the last two filled when the params ask for them)."""
+        "logprobs", "top_logprobs"}] (the last two filled when the params ask for them).
+        ``audio``: per prompt, its clips or None (``add_request``)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        clips = audio if audio is not None else [None] * len(prompts)
+        seqs = [self.add_request(p, sp, audio=a) for p, sp, a in zip(prompts, plist, clips)]
         done = {s.rid: Completion() for s in seqs}
         while any(not s.finished for s in seqs) or self._in_flight is not None:
             for o in self.step():
@@ -267,20 +290,83 @@ class Engine:
                  "logprobs": c.logprobs, "top_logprobs": c.top_logprobs}
                 for c in (done[s.rid] for s in seqs)]
 
+    # -- speech recognition (Qwen3-ASR checkpoints) ----------------------------------------
+    def transcription_prompt(self, num_clips: int = 1, language: str | None = None,
+                             context: str | None = None) -> list[int]:
+        """Prompt ids asking to transcribe ``num_clips`` clips (pass them as ``audio``):
+        ``language`` (a name or ISO code) forces the language, ``context`` (hotwords,
+        domain text) is the system turn."""
+        if self.audio is None:
+            raise RequestError("this model does not take audio", "audio")
+        return self.audio.transcription_ids(self.tokenizer, num_clips, language, context)
+
+    def transcribe(self, clips: list, language: str | None = None, context: str | None = None,
+                   params: SamplingParams | None = None) -> list[dict]:
+        """Transcribe each clip (one request each, run together); returns [{"text",
+        "language", "raw", "token_ids", "finish_reason"}]: the transcription, the language
+        detected (or forced), and the model's answer as it wrote it."""
+        params = params or SamplingParams(temperature=0, max_tokens=448)
+        prompt = self.transcription_prompt(1, language, context)
+        outs = self.generate([prompt] * len(clips), params, audio=[[c] for c in clips])
+        results = []
+        for o in outs:
+            t = parse_transcription(o["text"], language)
+            results.append({"text": t.text, "language": t.language, "raw": o["text"],
+                            "token_ids": o["token_ids"], "finish_reason": o["finish_reason"]})
+        return results
+
     def warmup(self, progress=None) -> int:
         """Compile (or load from the persistent cache) every bucket shape; returns how many.
 
-        ``progress(done, total, shape)`` is called after each one.
+        ``progress(done, total, shape)`` is called after each one. ASR models also compile
+        each prefill bucket's form with audio embeddings and every audio encoder bucket.
         """
-        shapes = self.plan.all_shapes()
-        for n, (_, S, Q, P) in enumerate(shapes):
-            self.runner.warmup_shape(S, Q, P)
+        shapes = [(S, Q, P, False) for _, S, Q, P in self.plan.all_shapes()]
+        if self.audio is not None:
+            shapes += [(S, Q, P, True) for prefill, S, Q, P in self.plan.all_shapes() if prefill]
+        for n, (S, Q, P, embeds) in enumerate(shapes):
+            self.runner.warmup_shape(S, Q, P, embeds)
             if progress:
                 progress(n + 1, len(shapes), (S, Q, P))
+        encoder = self.audio.runner.warmup() if self.audio is not None else []
         self._mark_warm()
         if self._leader is not None:
             self._leader.send("warm")
-        return len(shapes)
+        return len(shapes) + len(encoder)
+
+    def warmup_asr(self, frame_paddings: list[int] | None = None,
+                   token_paddings: list[int] | None = None) -> dict:
+        """Precompile what audio requests need, then transcribe self-made audio to prove it.
+
+        ``frame_paddings``: clip lengths in mel frames (100 a second) to expect; each
+        compiles the encoder bucket its windows fall in (default: every bucket).
+        ``token_paddings``: prefill token buckets whose audio-embedding form to compile
+        (default: every one of the plan's). Then one clip of each length is transcribed
+        (one token) to run the whole path; ``unwarmed`` counts what that still compiled.
+        """
+        if self.audio is None:
+            raise RequestError("this model does not take audio", "audio")
+        t0 = time.perf_counter()
+        enc = self.audio.runner
+        frames = sorted(frame_paddings or [b * enc.window_frames for b in enc.buckets])
+        buckets = sorted({enc.bucket_for_frames(f) for f in frames})
+        enc.warmup(buckets)
+        Qs = set(token_paddings or self.plan.prefill_tokens)
+        shapes = [(S, Q, P) for prefill, S, Q, P in self.plan.all_shapes() if prefill and Q in Qs]
+        for S, Q, P in shapes:
+            self.runner.warmup_shape(S, Q, P, embeds=True)
+        before = self.compile_stats.compiles + enc.unwarmed_shapes
+        rng = np.random.default_rng(0)
+        clips = [(0.1 * rng.standard_normal(f * 160)).astype(np.float32) for f in frames]
+        self.transcribe(clips, "en", params=SamplingParams(max_tokens=1, temperature=0))
+        self.flush_cache()  # the made-up audio is no prefix anyone will share
+        return {"encoder_buckets": buckets, "prefill_shapes": len(shapes),
+                "unwarmed": self.compile_stats.compiles + enc.unwarmed_shapes - before,
+                "seconds": round(time.perf_counter() - t0, 2)}
+
+    def unwarmed_audio_shapes(self) -> int:
+        """Audio encoder buckets compiled after their warmup (0 when serving is healthy)."""
+        return self.audio.runner.unwarmed_shapes if self.audio is not None else 0
 
     def _mark_warm(self) -> None:
         """From now on every compile is one the bucket plan missed."""

@@ -271,6 +271,8 @@ def forward(cfg: ModelConfig, kv_heads: int, top: Weights,
     dtype = act_dtype or top["embed"].dtype
     s, qn = batch.tokens.shape
     h = embed(top, batch.tokens, dtype)  # (D, N)
+    if batch.embeds is not None:  # audio prompts: encoder outputs at the placeholders
+        h = jnp.where(batch.embed_mask[None, :], batch.embeds.T.astype(dtype), h)
     cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
     layers, mm = step_matmuls(layers, linear_kernel, s, qn)
     ctx = StepContext(cfg, kv_heads, batch, cos, sin, attention_kernel or paged_attention, mm,

@@ -151,6 +151,9 @@ class ModelRunner:
             kv_lens[i] = start + n
             last_index[i] = n - 1
         batch = StepBatch(tokens, positions, slots, page_table, kv_lens, last_index, prev_rows)
+        if sched.is_prefill and any(s.audio_embeds is not None for s in sched.seqs):
+            batch.embeds, batch.embed_mask = pack_audio_embeds(sched, S, Q,
+                                                               self.model.cfg.hidden_size)
         return (batch, self._sampling(sched.seqs, S), self._adjust(sched.seqs, S),
                 self._grammar(sched, S))
 
@@ -264,7 +267,7 @@ class ModelRunner:
         Keeping the executables ourselves means warmup only compiles (or loads from the
         persistent cache), never runs, and serving never traces.
         """
-        key = (batch.tokens.shape, batch.page_table.shape)
+        key = (batch.tokens.shape, batch.page_table.shape, batch.embeds is not None)
         exe = self._executables.get(key)
         if exe is None:
             if self.warmed_up:  # a bucket the plan missed (counted by Engine.compiles_since_warmup)
@@ -286,12 +289,16 @@ class ModelRunner:
             self.loaded_after_warmup += 1
         return exe
 
-    def warmup_shape(self, S: int, Q: int, P: int) -> float:
-        """Compile (or load from the persistent cache) one bucket; returns seconds."""
+    def warmup_shape(self, S: int, Q: int, P: int, embeds: bool = False) -> float:
+        """Compile (or load from the persistent cache) one bucket; returns seconds.
+        ``embeds``: its form with an embedding override (audio prompts' prefill)."""
         t0 = time.perf_counter()
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         batch = StepBatch(z(S, Q), z(S, Q), z(S, Q), z(S, P), np.ones(S, np.int32), z(S),
                           np.full(S, -1, np.int32))
+        if embeds:
+            batch.embeds = np.zeros((S * Q, self.model.cfg.hidden_size), np.float32)
+            batch.embed_mask = np.zeros((S * Q,), bool)
         sbatch = SamplingBatch(np.zeros(S, np.float32), z(S), np.ones(S, np.float32),
                                np.zeros(S, np.float32), np.zeros(S, np.uint32), z(S),
                                np.asarray(True), np.asarray(False))
@@ -311,6 +318,23 @@ def needs_logit_adjust(p) -> bool:
                 or p.logit_bias or p.min_tokens)
 
 
+def pack_audio_embeds(sched: ScheduledBatch, S: int, Q: int, hidden: int):
+    """The (S * Q, hidden) override rows and (S * Q,) mask of a prefill step: each
+    sequence's audio encoder outputs at its chunk's <|audio_pad|> positions."""
+    embeds = np.zeros((S * Q, hidden), np.float32)
+    mask = np.zeros((S * Q,), bool)
+    for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
+        if seq.audio_embeds is None:
+            continue
+        start = seq.num_computed
+        pos = seq.audio_positions  # sorted prompt indices of the placeholders
+        lo, hi = np.searchsorted(pos, start), np.searchsorted(pos, start + n)
+        rows = i * Q + (pos[lo:hi] - start)
+        embeds[rows] = seq.audio_embeds[lo:hi]
+        mask[rows] = True
+    return embeds, mask
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """A replicated step output as numpy (this host's copy; works on every rank)."""
     return np.asarray(x.addressable_data(0))
@@ -319,7 +343,7 @@ def to_host(x: jax.Array) -> np.ndarray:
 def flatten_step(batch: StepBatch, sbatch: SamplingBatch, adjust: LogitAdjust | None,
                  grammar: GrammarMask | None) -> dict[str, np.ndarray]:
     """The step as named numpy arrays, to send to other hosts."""
-    flat = {f"b.{k}": np.asarray(v) for k, v in vars(batch).items()}
+    flat = {f"b.{k}": np.asarray(v) for k, v in vars(batch).items() if v is not None}
     flat.update({f"s.{k}": np.asarray(v) for k, v in vars(sbatch).items()})
     if adjust is not None:
         flat.update({f"a.{k}": np.asarray(v) for k, v in vars(adjust).items()})

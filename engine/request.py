@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from sgljax.engine.grammar import GrammarState
 from sgljax.engine.sampling_params import SamplingParams
@@ -36,6 +37,22 @@ class Sequence:
     matched_stop: int | str | None = None
     num_preemptions: int = 0
     grammar: GrammarState | None = None  # constrained decoding: where its output stands
+    # Audio prompts (Qwen3-ASR): the clips' features until encoded, then the encoder's
+    # outputs (n, D) for the prompt's <|audio_pad|> positions (n,), kept across
+    # preemption so a preempted request is never encoded again; and the prompt ids the
+    # prefix cache keys on, where each clip's placeholders carry an id of its own.
+    audio_clips: list[Any] | None = None
+    audio_embeds: Any = None
+    audio_positions: Any = None
+    audio_cache_ids: list[int] | None = None
+
+    @property
+    def cache_ids(self) -> list[int]:
+        """What the prefix cache matches: ``all_ids``, with audio placeholders told apart by
+        their clip (the same placeholder ids stand for any audio)."""
+        if self.audio_cache_ids is None:
+            return self.all_ids
+        return self.audio_cache_ids + self.output_ids
 
     @property
     def all_ids(self) -> list[int]:

@@ -93,7 +93,7 @@ class Scheduler:
 
     def _free(self, seq: Sequence, cache: bool) -> None:
         if cache and seq.pages:
-            self.cache.insert(seq.all_ids[: seq.num_computed], seq.pages)
+            self.cache.insert(seq.cache_ids[: seq.num_computed], seq.pages)
         self.pool.release(seq.pages)
         seq.pages = []
 
@@ -108,7 +108,7 @@ class Scheduler:
             if sampled:
                 seq.num_pending += 1
             else:  # a prompt chunk: its pages can serve other prompts already
-                self.cache.insert(seq.all_ids[:seq.num_computed], seq.pages)
+                self.cache.insert(seq.cache_ids[:seq.num_computed], seq.pages)
             batch.samples.append(sampled)
 
     def landed(self, batch: ScheduledBatch) -> list[tuple[int, Sequence]]:
@@ -192,13 +192,14 @@ class Scheduler:
                     chunks.append(n)
                     budget -= n
         if self.cfg.schedule_policy == "lpm" and len(self.waiting) > 1:
-            self.waiting = deque(sorted(self.waiting, key=lambda s: -self.cache.peek(s.all_ids)))
+            self.waiting = deque(sorted(self.waiting,
+                                        key=lambda s: -self.cache.peek(s.cache_ids)))
         admitted = 0
         while (self.waiting and budget > 0 and admitted < self.cfg.new_seqs_per_prefill
                and len(self.running) < self.cfg.max_running_requests):
             seq = self.waiting[0]
             if not seq.pages:
-                seq.pages, seq.num_computed = self.cache.match(seq.all_ids)
+                seq.pages, seq.num_computed = self.cache.match(seq.cache_ids)
                 seq.num_cached_prompt = max(seq.num_cached_prompt, seq.num_computed)
             n = min(seq.num_uncomputed, budget)
             if not self._fits(chunks, n) or not self._grow(seq, n):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sgljax.engine.asr_config import text_tensor_name
 from sgljax.engine.config import ModelConfig
 from sgljax.engine.weights import (KV_HEAD_TENSORS, WeightsError, expected_shapes, safe_open,
                                    hf_layer_names, per_expert, stacked_layers)
@@ -58,6 +59,13 @@ class SafetensorsSlices:
             self._where = {k: folder / v for k, v in weight_map.items()}
         else:
             self._where = {k: f for f in files for k in self._open(f).keys()}
+        # A Qwen3-ASR folder stores its decoder under another prefix: read those tensors
+        # by the plain decoder's names (stored name kept for the file read).
+        self._stored = {}
+        for k in list(self._where):
+            alias = text_tensor_name(k)
+            if alias is not None:
+                self._where[alias], self._stored[alias] = self._where[k], k
         self.bytes_read = 0
 
     def __enter__(self) -> SafetensorsSlices:
@@ -80,7 +88,7 @@ class SafetensorsSlices:
     def _slice(self, name: str):
         if name not in self._where:
             raise WeightsError(f"{self.folder}: tensor {name} is missing")
-        return self._open(self._where[name]).get_slice(name)
+        return self._open(self._where[name]).get_slice(self._stored.get(name, name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sgljax.engine.asr_config import text_tensor_name
 from sgljax.engine.config import ModelConfig
 
 # engine name → HF per-layer name
@@ -199,16 +200,20 @@ def safetensors_getter(folder: Path) -> Callable[[str], np.ndarray]:
         for f in files:
             with safe_open(f, framework="numpy") as h:
                 where.update({k: f for k in h.keys()})
+    # A Qwen3-ASR folder's decoder tensors, by the plain decoder's names too.
+    stored = {alias: k for k in list(where) if (alias := text_tensor_name(k)) is not None}
+    where.update({alias: where[k] for alias, k in stored.items()})
 
     def get(name: str) -> np.ndarray:
         if name not in where:
             raise WeightsError(f"{folder}: tensor {name} is missing")
+        key = stored.get(name, name)
         with safe_open(where[name], framework="numpy") as h:
-            if h.get_slice(name).get_dtype() != "BF16":
-                return h.get_tensor(name)  # one copy; the "flax" path below makes two
+            if h.get_slice(key).get_dtype() != "BF16":
+                return h.get_tensor(key)  # one copy; the "flax" path below makes two
         # numpy has no bfloat16 of its own: "flax" reads it (as ml_dtypes.bfloat16).
         with safe_open(where[name], framework="flax") as h:
-            return np.asarray(h.get_tensor(name))
+            return np.asarray(h.get_tensor(key))
 
     get.names = frozenset(where)  # what the folder holds, to name every missing tensor at once
     return get
