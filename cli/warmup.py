@@ -59,6 +59,22 @@ def warmup(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
 ) -> None:
     """Compile every shape bucket the server will use, into the persistent cache."""
+    _warmup(engine_args, model, as_json)
+
+
+@engine_options()
+def warmup_asr(
+    engine_args: EngineArgs,
+    model: Optional[str] = typer.Argument(None, help="A Qwen3-ASR model path."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON line."),
+) -> None:
+    """Precompile a speech model's audio path too (encoder buckets for --frame-paddings,
+    audio prefill forms for --token-paddings), then transcribe audio it makes itself to
+    prove nothing is left to compile."""
+    _warmup(dataclasses.replace(engine_args, asr_warmup=True), model, as_json)
+
+
+def _warmup(engine_args: EngineArgs, model: str | None, as_json: bool) -> None:
     with user_errors():
         from sgljax.engine import warm_record
 
@@ -81,6 +97,8 @@ def warmup(
         if not as_json:
             typer.echo(f"buckets: {engine.plan.describe()}")
         figures = warm_engine(engine, quiet=as_json)
+        if args.asr_warmup:
+            figures["asr"] = engine.asr_warmup_figures
         cache = engine.runner.executable_cache
         if cache is not None and cache.jax_hits == 0:  # then our files hold every bucket
             warm_record.write(args, sorted(cache.files))
@@ -89,8 +107,14 @@ def warmup(
         else:
             typer.echo(f"warmed {figures['buckets']} buckets in {figures['seconds']} s "
                        f"({figures['compiled']} compiled, {figures['from_cache']} from the cache)")
+            if args.asr_warmup:
+                asr = figures["asr"]
+                typer.echo(f"audio: encoder buckets {asr['encoder_buckets']}, "
+                           f"{asr['prefill_shapes']} audio prefill shapes, "
+                           f"{asr['unwarmed']} shapes left unwarmed ({asr['seconds']} s)")
         engine.shutdown()
 
 
 def register(app: typer.Typer) -> None:
     app.command("warmup")(warmup)
+    app.command("warmup-asr")(warmup_asr)

@@ -92,6 +92,16 @@ class EngineArgs:
     precompile_bs_paddings: list[int] | None = _flag(
         None, "Decode batch buckets, e.g. 1,4,16,64 (default: powers of two up to "
         "--max-running-requests).")
+    asr_warmup: bool = _flag(
+        False, "Speech models: warmup also precompiles the audio encoder and the audio "
+        "prefill forms, then transcribes audio it makes itself (sgljax warmup-asr).")
+    asr_frame_paddings: list[int] | None = _flag(
+        None, "Speech models: clip lengths in mel frames (100 a second) whose encoder "
+        "buckets warmup compiles (default: every bucket).", "--asr-frame-paddings",
+        "--frame-paddings")
+    asr_token_paddings: list[int] | None = _flag(
+        None, "Speech models: prefill token buckets whose audio form warmup compiles "
+        "(default: all).", "--asr-token-paddings", "--token-paddings")
     precompile_token_paddings: list[int] | None = _flag(
         None, "Prefill token buckets, e.g. 64,256,512 (default: powers of two up to "
         "--chunked-prefill-size).")
@@ -130,7 +140,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{flag_name(name)} must be at least 1, not {value}")
-        for name in ("precompile_bs_paddings", "precompile_token_paddings"):
+        for name in ("precompile_bs_paddings", "precompile_token_paddings",
+                     "asr_frame_paddings", "asr_token_paddings"):
             values = getattr(self, name)
             if values is not None and (not values or min(values) < 1):
                 raise ValueError(f"{flag_name(name)} must list integers of at least 1, "

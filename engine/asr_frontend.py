@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from sgljax.engine.asr_config import AsrConfig
-from sgljax.engine.asr_features import SAMPLE_RATE, audio_features
+from sgljax.engine.asr_features import (
+    HOP, MIN_SAMPLES, SAMPLE_RATE, audio_features, num_audio_tokens)
 from sgljax.engine.asr_loader import load_audio_params
 from sgljax.engine.asr_prompt import expand_audio_pads, prompt_text
 from sgljax.engine.asr_runner import AudioEncoderRunner
@@ -32,6 +33,7 @@ class AudioFrontend:
         self.cfg = cfg
         self.runner = AudioEncoderRunner(cfg.encoder, load_audio_params(model_path, cfg), mesh,
                                          max_windows=max_windows)
+        self.clips_encoded = 0
 
     @classmethod
     def maybe(cls, model_path: str | Path, mesh, **kwargs) -> AudioFrontend | None:
@@ -47,6 +49,10 @@ class AudioFrontend:
         except ValueError as e:
             raise RequestError(str(e), "language") from None
         return tokenizer.encode(text, add_special_tokens=False)
+
+    def num_tokens(self, num_samples: int) -> int:
+        """Encoder outputs (prompt tokens) of a clip of ``num_samples`` 16 kHz samples."""
+        return num_audio_tokens(max(num_samples, MIN_SAMPLES) // HOP, self.cfg.encoder)
 
     def prepare(self, ids: list[int], audio: Iterable[np.ndarray]) -> tuple[list[int], dict]:
         """(prompt ids with every placeholder expanded, the Sequence's audio fields)."""
@@ -85,7 +91,9 @@ class AudioFrontend:
         todo = [s for s in seqs if s.audio_clips is not None and s.audio_embeds is None]
         if not todo:
             return 0
-        outs = iter(self.runner.encode([c for s in todo for c in s.audio_clips]))
+        clips = [c for s in todo for c in s.audio_clips]
+        self.clips_encoded += len(clips)
+        outs = iter(self.runner.encode(clips))
         for s in todo:
             parts = [next(outs) for _ in s.audio_clips]
             s.audio_embeds = np.concatenate(parts) if parts else None

@@ -74,6 +74,10 @@ class Engine:
         self.audio = AudioFrontend.maybe(loaded.path, self.mesh)
         if self.audio is not None and args.nnodes > 1:  # the encoder runs on one host's devices
             raise ModelConfigError("audio models are served on one host only (--nnodes 1)")
+        if self.audio is None and (args.asr_warmup or args.asr_frame_paddings
+                                   or args.asr_token_paddings):
+            raise ModelConfigError(f"{loaded.path} is not a speech model: --asr-warmup and "
+                                   "the audio paddings apply to Qwen3-ASR checkpoints")
         # What the HTTP routes sample with when a request leaves a field out.
         self.generation_defaults = read_generation_defaults(loaded.path)
         self.context_length = min(args.context_length or cfg.max_position_embeddings,
@@ -300,6 +304,13 @@ class Engine:
             raise RequestError("this model does not take audio", "audio")
         return self.audio.transcription_ids(self.tokenizer, num_clips, language, context)
 
+    def audio_prompt_tokens(self, num_samples: int) -> int:
+        """The prompt tokens one clip of ``num_samples`` (16 kHz) expands to (its encoder
+        outputs), so a server can check a prompt's length before sending it."""
+        if self.audio is None:
+            raise RequestError("this model does not take audio", "audio")
+        return self.audio.num_tokens(num_samples)
+
     def transcribe(self, clips: list, language: str | None = None, context: str | None = None,
                    params: SamplingParams | None = None) -> list[dict]:
         """Transcribe each clip (one request each, run together); returns [{"text",
@@ -329,6 +340,9 @@ class Engine:
             if progress:
                 progress(n + 1, len(shapes), (S, Q, P))
         encoder = self.audio.runner.warmup() if self.audio is not None else []
+        if self.args.asr_warmup:
+            self.asr_warmup_figures = self.warmup_asr(self.args.asr_frame_paddings,
+                                                      self.args.asr_token_paddings)
         self._mark_warm()
         if self._leader is not None:
             self._leader.send("warm")
@@ -390,7 +404,11 @@ class Engine:
             kv_pages_held_by_requests=len({p for s in running for p in s.pages}),
             prefix_cache_pages=self.prefix_cache.num_pages,
             cache_hit_rate=self.prefix_cache.hit_rate(),
-            compiles_after_warmup=self.compiles_since_warmup(), healthy=self.healthy)
+            compiles_after_warmup=self.compiles_since_warmup(), healthy=self.healthy,
+            **({} if self.audio is None else dict(
+                audio_clips_encoded=self.audio.clips_encoded,
+                audio_encoder_calls=self.audio.runner.calls,
+                unwarmed_audio_shapes=self.audio.runner.unwarmed_shapes)))
 
     def describe(self) -> dict:
         """What does not change while serving: the model, its limits and defaults, buckets."""
@@ -399,4 +417,6 @@ class Engine:
                 "context_length": self.context_length, "vocab_size": cfg.vocab_size,
                 "num_layers": cfg.num_layers, "dtype": self.args.dtype,
                 "default_sampling_params": dict(self.generation_defaults),
-                "buckets": self.plan.describe()}
+                "buckets": self.plan.describe(),
+                # speech models: the prompt token each audio clip's encoder outputs fill
+                "audio_token_id": self.audio.cfg.audio_token_id if self.audio else None}

@@ -72,6 +72,11 @@ class EngineStats:
     cache_hit_rate: float = 0.0
     compiles_after_warmup: int = 0  # executables built while serving: should stay 0
     healthy: bool = True  # False once a host of a multi-host engine is lost
+    # Speech models: clips encoded, encoder calls that encoded them (clips > calls: batched),
+    # and encoder shapes first compiled while serving (should stay 0).
+    audio_clips_encoded: int = 0
+    audio_encoder_calls: int = 0
+    unwarmed_audio_shapes: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -21,6 +21,7 @@ from sgljax.engine.engine import Engine
 from sgljax.engine.default_model import DEFAULT_MODEL
 from sgljax.server.args import ServerArgs
 from sgljax.server.async_engine import AsyncEngine
+from sgljax.server.audio_routes import router as audio_router
 from sgljax.server.context import ServerContext
 from sgljax.server.errors import error_body, install_error_handlers
 from sgljax.server.metrics import ServerMetrics
@@ -58,6 +59,13 @@ def served_model_name(engine_args: EngineArgs, server_args: ServerArgs) -> str:
     return server_args.served_model_name or engine_args.model_path or DEFAULT_MODEL
 
 
+def _limits(engine: Engine) -> Limits:
+    info = engine.describe()
+    audio = info["audio_token_id"] is not None
+    return Limits(engine.limits, engine.generation_defaults, engine.grammars,
+                  engine.audio_prompt_tokens if audio else None, info["audio_token_id"])
+
+
 def build_app(engine_args: EngineArgs, server_args: ServerArgs,
               engine: Engine | None = None) -> FastAPI:
     """The app; the engine thread starts with the app's lifespan and stops with it."""
@@ -71,10 +79,13 @@ def build_app(engine_args: EngineArgs, server_args: ServerArgs,
     if engine_args.model_path:
         served.add(engine_args.model_path)
     ctx = ServerContext(bridge=bridge, tokenizer=engine.tokenizer,
-                        limits=Limits(engine.limits, engine.generation_defaults, engine.grammars),
+                        limits=_limits(engine),
                         info=engine.describe(),
                         model_name=name, served_names=served, metrics=metrics,
-                        engine_args=engine_args, server_args=server_args)
+                        engine_args=engine_args, server_args=server_args,
+                        transcription_prompt=(engine.transcription_prompt
+                                              if engine.describe()["audio_token_id"] is not None
+                                              else None))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -90,6 +101,7 @@ def build_app(engine_args: EngineArgs, server_args: ServerArgs,
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(native_router)
+    app.include_router(audio_router)
     install_openapi(app)
     if server_args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_args.api_key)

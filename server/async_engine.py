@@ -41,6 +41,7 @@ class SeqRequest:
     rid: str
     prompt_ids: list[int]
     params: SamplingParams
+    audio: list | None = None  # speech models: the prompt's clips (mono 16 kHz float32)
 
 
 class RequestHandle:
@@ -229,7 +230,7 @@ class AsyncEngine:
             if s.rid not in self._handles:
                 continue  # aborted before it reached the engine
             try:
-                self.engine.add_request(s.prompt_ids, s.params, rid=s.rid)
+                self.engine.add_request(s.prompt_ids, s.params, rid=s.rid, audio=s.audio)
             except Exception as e:  # noqa: BLE001 - reported to the client, not raised here
                 status = 400 if isinstance(e, ValueError) else 500
                 errors.append(RequestOutput(s.rid, "", [], True, "error", error=str(e),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -37,6 +37,9 @@ class ServerContext:
     metrics: ServerMetrics
     engine_args: EngineArgs
     server_args: ServerArgs
+    # Speech models: Engine.transcription_prompt (pure: a tokenizer and a template); None
+    # for text-only models.
+    transcription_prompt: Callable[..., list[int]] | None = None
     started: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
@@ -49,7 +52,8 @@ class ServerContext:
         seqs, states = [], {}
         for i, params in enumerate(prep.params):
             seq_rid = rid if len(prep.params) == 1 else f"{rid}-{i}"
-            seqs.append(SeqRequest(seq_rid, prep.prompts[i // prep.n], params))
+            clips = prep.audio[i // prep.n] if prep.audio else None
+            seqs.append(SeqRequest(seq_rid, prep.prompts[i // prep.n], params, clips))
             states[seq_rid] = ChoiceState(index=i, prompt_index=i // prep.n)
         if user_rid and any(self.bridge.is_active(s.rid) for s in seqs):
             raise bad_request(f"request id {user_rid!r} is already in use", "rid")

@@ -43,6 +43,13 @@ class ServerMetrics:
               lambda s: s.compiles_after_warmup)
         gauge("sgljax:cache_hit_rate", "Prompt tokens served from the prefix cache / all.",
               lambda s: s.cache_hit_rate)
+        gauge("sgljax:audio_clips_encoded", "Audio clips run through the speech encoder.",
+              lambda s: s.audio_clips_encoded)
+        gauge("sgljax:audio_encoder_calls", "Speech encoder calls (fewer than clips: batched).",
+              lambda s: s.audio_encoder_calls)
+        gauge("sgljax:unwarmed_audio_shapes",
+              "Speech encoder shapes compiled while serving (0 after warmup-asr).",
+              lambda s: s.unwarmed_audio_shapes)
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, list(labels), registry=reg).labels(**labels)

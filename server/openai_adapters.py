@@ -9,12 +9,15 @@ this route spells it, before the engine sees the request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from sgljax.engine.asr_prompt import AUDIO_BLOCK, expand_audio_pads
 from sgljax.engine.constraint import Constraint
 from sgljax.engine.grammar import GrammarCompiler
 from sgljax.engine.sampling_params import (RequestError, RequestLimits, SamplingParams,
                                            tokens_left)
+from sgljax.server.audio_input import MAX_AUDIOS_PER_REQUEST, audio_part, is_audio_part
 from sgljax.server.errors import APIError, bad_request
 from sgljax.server.protocol import (
     ChatCompletionRequest, CompletionRequest, GenerateRequest, SamplingFields)
@@ -35,6 +38,10 @@ class Limits:
     # leaves out: temperature, top_p, top_k, min_p, repetition_penalty.
     sampling_defaults: dict
     grammars: GrammarCompiler | None = None  # checks constraints compile (the engine's)
+    # Speech models (Qwen3-ASR): chat messages may carry audio; a clip of n samples takes
+    # audio_tokens(n) prompt tokens (Engine.audio_prompt_tokens). None: text only.
+    audio_tokens: Callable[[int], int] | None = None
+    audio_token_id: int | None = None
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Prepared:
     prompt_texts: list[str] | None = None  # for completions' echo
     thinking_opened: bool = False  # the chat prompt ends inside a <think> block
     tool_format: str | None = None  # chat: read tool calls of this format into tool_calls
+    audio: list = field(default_factory=list)  # per prompt: its clips (16 kHz), or None
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:
@@ -125,18 +133,28 @@ def _fan_out(req: SamplingFields, prompts: list[list[int]], max_tokens: int | No
 
 
 # -- chat ---------------------------------------------------------------------------
-def chat_messages(req: ChatCompletionRequest) -> list[dict]:
+def chat_messages(req: ChatCompletionRequest, clips: list | None = None) -> list[dict]:
+    """The messages as chat templates take them. Audio parts (when ``clips`` is a list)
+    become the model's audio placeholder in the text, their samples appended to ``clips``."""
     out = []
     for i, m in enumerate(req.messages):
         content = m.content
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                if clips is not None and is_audio_part(part) and m.role == "user":
+                    if len(clips) == MAX_AUDIOS_PER_REQUEST:
+                        raise bad_request(f"at most {MAX_AUDIOS_PER_REQUEST} audios per "
+                                          "request", where)
+                    clips.append(audio_part(part, where))
+                    texts.append(AUDIO_BLOCK)
+                    continue
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad_request("only text content parts ({\"type\": \"text\", \"text\": "
-                                      "...}) are supported", f"messages[{i}].content[{j}]")
+                    kinds = "text and (user) audio" if clips is not None else "text"
+                    raise bad_request(f"only {kinds} content parts are supported", where)
                 texts.append(part["text"])
-            content = "\n".join(texts)
+            content = "".join(texts) if clips else "\n".join(texts)
         if content is None:
             if m.role != "assistant":
                 raise bad_request("content is required", f"messages[{i}].content")
@@ -164,7 +182,7 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict]:
 
 
 def chat_prompt_ids(tok: Tokenizer, req: ChatCompletionRequest,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None, clips: list | None = None) -> list[int]:
     kwargs = dict(req.chat_template_kwargs or {})
     reserved = _RESERVED_TEMPLATE_KWARGS & set(kwargs)
     if reserved:
@@ -172,8 +190,11 @@ def chat_prompt_ids(tok: Tokenizer, req: ChatCompletionRequest,
                           "chat_template_kwargs")
     if tools is not None:
         kwargs["tools"] = tools
+    messages = chat_messages(req, clips)
+    if clips and messages[0]["role"] != "system":  # speech models' prompts always have one
+        messages.insert(0, {"role": "system", "content": ""})
     try:
-        return tok.apply_chat_template(chat_messages(req), **kwargs)
+        return tok.apply_chat_template(messages, **kwargs)
     except ChatTemplateError as e:
         raise bad_request(str(e), "messages") from None
 
@@ -194,14 +215,21 @@ def prepare_chat(tok: Tokenizer, req: ChatCompletionRequest, limits: Limits,
         requested, param = req.max_completion_tokens, "max_completion_tokens"
     else:
         requested, param = req.max_tokens, "max_tokens"
-    ids = chat_prompt_ids(tok, req, tools.template_tools)
+    clips = [] if limits.audio_tokens is not None else None
+    ids = chat_prompt_ids(tok, req, tools.template_tools, clips)
+    if clips:  # the placeholders as many as the encoder will give: limits see the real length
+        try:
+            ids = expand_audio_pads(ids, limits.audio_token_id,
+                                    [limits.audio_tokens(len(c)) for c in clips])
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
     params = _fan_out(req, [ids], requested, limits, req.logprobs, req.top_logprobs or 0,
                       {"max_tokens": param, "prompt": "messages"}, constraint)
     # Templates of thinking models may end the generation prompt with "<think>\n": the
     # answer then starts inside the block.
     opened = tok.decode(ids[-3:], skip_special_tokens=False).rstrip().endswith("<think>")
     return Prepared([ids], params, req.n, thinking_opened=opened,
-                    tool_format=tools.format)
+                    tool_format=tools.format, audio=[clips or None])
 
 
 # -- completions --------------------------------------------------------------------
