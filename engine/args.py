@@ -95,6 +95,10 @@ class EngineArgs:
     precompile_token_paddings: list[int] | None = _flag(
         None, "Prefill token buckets, e.g. 64,256,512 (default: powers of two up to "
         "--chunked-prefill-size).")
+    precompile_frame_paddings: list[int] | None = _flag(
+        None, "Audio (ASR) models: clip lengths in mel frames (100 a second) whose audio "
+        "encoder buckets warmup compiles, e.g. 800,3000 (default: every bucket). Encoder "
+        "calls then use only those buckets.")
     nnodes: int = _flag(1, "Hosts running one engine together (each runs the same program "
                         "over the global mesh).")
     node_rank: int = _flag(0, "This host's rank (0 schedules and serves HTTP; others follow).")
@@ -130,7 +134,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{flag_name(name)} must be at least 1, not {value}")
-        for name in ("precompile_bs_paddings", "precompile_token_paddings"):
+        for name in ("precompile_bs_paddings", "precompile_token_paddings",
+                     "precompile_frame_paddings"):
             values = getattr(self, name)
             if values is not None and (not values or min(values) < 1):
                 raise ValueError(f"{flag_name(name)} must list integers of at least 1, "

@@ -320,7 +320,7 @@ class Engine:
             self.runner.warmup_shape(S, Q, P, embeds)
             if progress:
                 progress(n + 1, len(shapes), (S, Q, P))
-        encoder = self.audio.runner.warmup() if self.audio is not None else []
+        encoder = self._warm_encoder(self.args.precompile_frame_paddings)
         self._mark_warm()
         if self._leader is not None:
             self._leader.send("warm")
@@ -341,8 +341,7 @@ class Engine:
         t0 = time.perf_counter()
         enc = self.audio.runner
         frames = sorted(frame_paddings or [b * enc.window_frames for b in enc.buckets])
-        buckets = sorted({enc.bucket_for_frames(f) for f in frames})
-        enc.warmup(buckets)
+        buckets = [b for b, _ in self._warm_encoder(frames)]
         Qs = set(token_paddings or self.plan.prefill_tokens)
         shapes = [(S, Q, P) for prefill, S, Q, P in self.plan.all_shapes() if prefill and Q in Qs]
         for S, Q, P in shapes:
@@ -355,6 +354,16 @@ class Engine:
         return {"encoder_buckets": buckets, "prefill_shapes": len(shapes),
                 "unwarmed": self.compile_stats.compiles + enc.unwarmed_shapes - before,
                 "seconds": round(time.perf_counter() - t0, 2)}
+
+    def _warm_encoder(self, frame_paddings: list[int] | None) -> list[tuple[int, float]]:
+        """Compile the audio encoder's buckets for these clip lengths (mel frames; None:
+        every bucket); returns (windows, seconds) per bucket. None for text models."""
+        if self.audio is None:
+            return []
+        enc = self.audio.runner
+        buckets = (sorted({enc.bucket_for_frames(f) for f in frame_paddings})
+                   if frame_paddings else None)
+        return enc.warmup(buckets)
 
     def unwarmed_audio_shapes(self) -> int:
         """Audio encoder buckets compiled after their warmup (0 when serving is healthy)."""

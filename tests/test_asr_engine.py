@@ -192,3 +192,16 @@ def test_tensor_parallel_gives_the_same_transcriptions(tiny_asr, engine):
                  max_total_tokens=8192)
     got = tp2.generate([prompt] * 2, GREEDY, audio=[[c] for c in clips])
     assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
+
+
+def test_frame_paddings_flag_limits_the_encoder_buckets(tiny_asr, tmp_path):
+    eng = Engine(model_path=str(tiny_asr), compilation_cache_dir=str(tmp_path), page_size=4,
+                 chunked_prefill_size=32, max_running_requests=4, max_prefill_seqs=4,
+                 context_length=256, max_total_tokens=2048,
+                 precompile_frame_paddings=[150, 700])  # 1 and 4 windows of 200 frames
+    eng.warmup()
+    assert sorted(eng.audio.runner._executables) == [1, 4]
+    assert eng.audio.runner.call_sizes(9) == [4, 4, 1]
+    eng.transcribe([synth_audio(18.0, seed=8), synth_audio(3.0, seed=9)],  # 9 + 2 windows
+                   params=SamplingParams(max_tokens=2, temperature=0))
+    assert eng.compiles_since_warmup() == 0 and eng.unwarmed_audio_shapes() == 0
