@@ -161,6 +161,8 @@ class Engine:
             if self.audio is None:
                 raise RequestError("this model does not take audio", "audio")
             ids, audio_fields = self.audio.prepare(ids, audio)
+        elif self.audio is not None and self.audio.cfg.audio_token_id in ids:
+            raise RequestError("the prompt has <|audio_pad|> tokens but no audio", "audio")
         params.validate(self.limits, ids)
         if params.seed is None:
             params.seed = self._rng.getrandbits(32)

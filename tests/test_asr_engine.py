@@ -109,6 +109,8 @@ def test_one_placeholder_per_clip_is_expanded_and_miscounts_refused(engine):
         engine.add_request(prompt, GREEDY, audio=[a])  # two placeholders, one clip
     with pytest.raises(RequestError):
         engine.add_request(prompt, GREEDY, audio=[np.zeros((2, 100), np.float32)] * 2)
+    with pytest.raises(RequestError):
+        engine.add_request(prompt, GREEDY)  # placeholders without audio
 
 
 def test_transcribe_parses_the_answer(engine):
