@@ -95,16 +95,17 @@ class EngineArgs:
     asr_warmup: bool = _flag(
         False, "Speech models: warmup also precompiles the audio encoder and the audio "
         "prefill forms, then transcribes audio it makes itself (sgljax warmup-asr).")
-    asr_frame_paddings: list[int] | None = _flag(
-        None, "Speech models: clip lengths in mel frames (100 a second) whose encoder "
-        "buckets warmup compiles (default: every bucket).", "--asr-frame-paddings",
-        "--frame-paddings")
     asr_token_paddings: list[int] | None = _flag(
         None, "Speech models: prefill token buckets whose audio form warmup compiles "
         "(default: all).", "--asr-token-paddings", "--token-paddings")
     precompile_token_paddings: list[int] | None = _flag(
         None, "Prefill token buckets, e.g. 64,256,512 (default: powers of two up to "
         "--chunked-prefill-size).")
+    precompile_frame_paddings: list[int] | None = _flag(
+        None, "Audio (ASR) models: clip lengths in mel frames (100 a second) whose audio "
+        "encoder buckets warmup compiles, e.g. 800,3000 (default: every bucket). Encoder "
+        "calls then use only those buckets.", "--precompile-frame-paddings",
+        "--frame-paddings")
     nnodes: int = _flag(1, "Hosts running one engine together (each runs the same program "
                         "over the global mesh).")
     node_rank: int = _flag(0, "This host's rank (0 schedules and serves HTTP; others follow).")
@@ -141,7 +142,7 @@ class EngineArgs:
             if value is not None and value < 1:
                 raise ValueError(f"{flag_name(name)} must be at least 1, not {value}")
         for name in ("precompile_bs_paddings", "precompile_token_paddings",
-                     "asr_frame_paddings", "asr_token_paddings"):
+                     "precompile_frame_paddings", "asr_token_paddings"):
             values = getattr(self, name)
             if values is not None and (not values or min(values) < 1):
                 raise ValueError(f"{flag_name(name)} must list integers of at least 1, "

@@ -75,14 +75,55 @@ class Transcription:
     language: str | None  # detected (or the one forced by the prompt); None: none said
 
 
+def collapse_repeats(text: str, times: int = 20, max_unit: int = 20) -> str:
+    """Undo a decoding loop: a character repeated more than ``times`` times in a row, or a
+    unit of up to ``max_unit`` characters repeated at least ``times`` times, is kept once.
+
+    The original Qwen3-ASR post-processing (transformers applies it when parsing): units
+    are looked for left to right, the shortest first, and the search goes on after each
+    collapsed run.
+    """
+    runs, i = [], 0
+    while i < len(text):
+        j = i
+        while j < len(text) and text[j] == text[i]:
+            j += 1
+        runs.append(text[i] if j - i > times else text[i:j])
+        i = j
+    s, out = "".join(runs), []
+    while True:
+        n, i, found = len(s), 0, False
+        if n < 2 * times:
+            return "".join(out) + s
+        while i <= n - 2 * times and not found:
+            for k in range(1, max_unit + 1):
+                if i + k * times > n:
+                    break
+                unit = s[i:i + k]
+                if all(s[i + r * k:i + (r + 1) * k] == unit for r in range(1, times)):
+                    end = i + times * k
+                    while end + k <= n and s[end:end + k] == unit:
+                        end += k
+                    out.append(unit)
+                    s, found = s[end:], True
+                    break
+            if not found:
+                out.append(s[i])
+                i += 1
+        if not found:
+            return "".join(out) + s[i:]
+
+
 def parse_transcription(text: str, forced_language: str | None = None) -> Transcription:
     """The model's answer → (transcription, language).
 
     ``language {Name}<asr_text>{text}``: the text after the marker, the language before
     it ("None" for audio without speech). With a forced language the prompt already holds
-    the marker, so the whole answer is the transcription.
+    the marker, so the whole answer is the transcription. Decoding loops are collapsed
+    (``collapse_repeats``), as the original post-processing does.
     """
     forced = language_name(forced_language)
+    text = collapse_repeats(text.strip())
     if ASR_TEXT not in text:
         return Transcription(text.strip(), forced)
     head, body = text.split(ASR_TEXT, 1)

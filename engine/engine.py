@@ -74,7 +74,7 @@ class Engine:
         self.audio = AudioFrontend.maybe(loaded.path, self.mesh)
         if self.audio is not None and args.nnodes > 1:  # the encoder runs on one host's devices
             raise ModelConfigError("audio models are served on one host only (--nnodes 1)")
-        if self.audio is None and (args.asr_warmup or args.asr_frame_paddings
+        if self.audio is None and (args.asr_warmup or args.precompile_frame_paddings
                                    or args.asr_token_paddings):
             raise ModelConfigError(f"{loaded.path} is not a speech model: --asr-warmup and "
                                    "the audio paddings apply to Qwen3-ASR checkpoints")
@@ -168,6 +168,8 @@ class Engine:
             if self.audio is None:
                 raise RequestError("this model does not take audio", "audio")
             ids, audio_fields = self.audio.prepare(ids, audio)
+        elif self.audio is not None and self.audio.cfg.audio_token_id in ids:
+            raise RequestError("the prompt has <|audio_pad|> tokens but no audio", "audio")
         params.validate(self.limits, ids)
         if params.seed is None:
             params.seed = self._rng.getrandbits(32)
@@ -339,9 +341,9 @@ class Engine:
             self.runner.warmup_shape(S, Q, P, embeds)
             if progress:
                 progress(n + 1, len(shapes), (S, Q, P))
-        encoder = self.audio.runner.warmup() if self.audio is not None else []
+        encoder = self._warm_encoder(self.args.precompile_frame_paddings)
         if self.args.asr_warmup:
-            self.asr_warmup_figures = self.warmup_asr(self.args.asr_frame_paddings,
+            self.asr_warmup_figures = self.warmup_asr(self.args.precompile_frame_paddings,
                                                       self.args.asr_token_paddings)
         self._mark_warm()
         if self._leader is not None:
@@ -363,8 +365,7 @@ class Engine:
         t0 = time.perf_counter()
         enc = self.audio.runner
         frames = sorted(frame_paddings or [b * enc.window_frames for b in enc.buckets])
-        buckets = sorted({enc.bucket_for_frames(f) for f in frames})
-        enc.warmup(buckets)
+        buckets = [b for b, _ in self._warm_encoder(frames)]
         Qs = set(token_paddings or self.plan.prefill_tokens)
         shapes = [(S, Q, P) for prefill, S, Q, P in self.plan.all_shapes() if prefill and Q in Qs]
         for S, Q, P in shapes:
@@ -377,6 +378,16 @@ class Engine:
         return {"encoder_buckets": buckets, "prefill_shapes": len(shapes),
                 "unwarmed": self.compile_stats.compiles + enc.unwarmed_shapes - before,
                 "seconds": round(time.perf_counter() - t0, 2)}
+
+    def _warm_encoder(self, frame_paddings: list[int] | None) -> list[tuple[int, float]]:
+        """Compile the audio encoder's buckets for these clip lengths (mel frames; None:
+        every bucket); returns (windows, seconds) per bucket. None for text models."""
+        if self.audio is None:
+            return []
+        enc = self.audio.runner
+        buckets = (sorted({enc.bucket_for_frames(f) for f in frame_paddings})
+                   if frame_paddings else None)
+        return enc.warmup(buckets)
 
     def unwarmed_audio_shapes(self) -> int:
         """Audio encoder buckets compiled after their warmup (0 when serving is healthy)."""

@@ -2,20 +2,18 @@
 
 Chat messages carry audio as content parts (``audio_url`` with a ``data:audio/...;base64``
 URL, or OpenAI's ``input_audio`` with base64 ``data`` and a ``format``);
-``/v1/audio/transcriptions`` as a multipart file. Files are decoded with soundfile
-(libsndfile: WAV, FLAC, Ogg/Vorbis/Opus, MP3 and more) and resampled to 16 kHz
-(engine/asr_audio.py). Every failure is a 400 naming the field.
+``/v1/audio/transcriptions`` as a multipart file. engine/asr_audio.py decodes and
+resamples; every failure is a 400 naming the field.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 
 import numpy as np
 
-from sgljax.engine.asr_audio import AudioDecodeError, to_16k
+from sgljax.engine.asr_audio import AudioDecodeError, load_audio
 from sgljax.server.errors import bad_request
 
 MAX_AUDIOS_PER_REQUEST = 8
@@ -23,27 +21,11 @@ MAX_AUDIO_BYTES = 25 * 1024 * 1024  # OpenAI's limit for an uploaded file
 
 
 def decode_audio(data: bytes, param: str) -> np.ndarray:
-    """An audio file's bytes → mono 16 kHz float32 samples."""
-    import soundfile
-
-    if not data:
-        raise bad_request("the audio is empty", param)
+    """An audio file's bytes → mono 16 kHz float32 samples; a 400 naming ``param``."""
     if len(data) > MAX_AUDIO_BYTES:
         raise bad_request(f"the audio is larger than {MAX_AUDIO_BYTES >> 20} MiB", param)
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise bad_request(f"cannot decode the audio (WAV, FLAC, Ogg or MP3 expected): {e}",
-                          param) from None
-    if rate <= 0:
-        raise bad_request(f"the audio's sample rate is {rate}", param)
-    if samples.shape[0] == 0:
-        raise bad_request("the audio has no samples", param)
-    mono = samples.mean(axis=1)
-    if not np.isfinite(mono).all():
-        raise bad_request("the audio has samples that are not finite", param)
-    try:
-        return to_16k(mono, int(rate))
+        return load_audio(data)
     except AudioDecodeError as e:
         raise bad_request(str(e), param) from None
 

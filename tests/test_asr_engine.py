@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sgljax.engine.asr_prompt import collapse_repeats
 from sgljax.engine.engine import Engine
 from sgljax.engine.sampling_params import RequestError, SamplingParams
 from tiny_asr import build_tiny_asr, hf_processor, synth_audio
@@ -108,13 +109,15 @@ def test_one_placeholder_per_clip_is_expanded_and_miscounts_refused(engine):
         engine.add_request(prompt, GREEDY, audio=[a])  # two placeholders, one clip
     with pytest.raises(RequestError):
         engine.add_request(prompt, GREEDY, audio=[np.zeros((2, 100), np.float32)] * 2)
+    with pytest.raises(RequestError):
+        engine.add_request(prompt, GREEDY)  # placeholders without audio
 
 
 def test_transcribe_parses_the_answer(engine):
     out = engine.transcribe([synth_audio(1.0, seed=5)], language="fr",
                             params=SamplingParams(max_tokens=6, temperature=0))
     assert out[0]["language"] == "French"  # forced: the answer is all transcription
-    assert out[0]["text"] == out[0]["raw"].strip()
+    assert out[0]["text"] == collapse_repeats(out[0]["raw"].strip())
 
 
 def test_no_compiles_after_warmup(tiny_asr, tmp_path):
@@ -191,3 +194,16 @@ def test_tensor_parallel_gives_the_same_transcriptions(tiny_asr, engine):
                  max_total_tokens=8192)
     got = tp2.generate([prompt] * 2, GREEDY, audio=[[c] for c in clips])
     assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]
+
+
+def test_frame_paddings_flag_limits_the_encoder_buckets(tiny_asr, tmp_path):
+    eng = Engine(model_path=str(tiny_asr), compilation_cache_dir=str(tmp_path), page_size=4,
+                 chunked_prefill_size=32, max_running_requests=4, max_prefill_seqs=4,
+                 context_length=256, max_total_tokens=2048,
+                 precompile_frame_paddings=[150, 700])  # 1 and 4 windows of 200 frames
+    eng.warmup()
+    assert sorted(eng.audio.runner._executables) == [1, 4]
+    assert eng.audio.runner.call_sizes(9) == [4, 4, 1]
+    eng.transcribe([synth_audio(18.0, seed=8), synth_audio(3.0, seed=9)],  # 9 + 2 windows
+                   params=SamplingParams(max_tokens=2, temperature=0))
+    assert eng.compiles_since_warmup() == 0 and eng.unwarmed_audio_shapes() == 0

@@ -236,3 +236,21 @@ def test_stereo_wav_is_averaged_and_junk_refused():
     assert len(x) == 1600 and np.allclose(x, 0.25, atol=1e-3)
     with pytest.raises(AudioDecodeError):
         load_audio(b"ID3\x03not a wav at all")
+
+
+def test_collapse_repeats_matches_the_original_post_processing():
+    from transformers.models.qwen3_asr.processing_qwen3_asr import _detect_and_fix_repetitions
+
+    from sgljax.engine.asr_prompt import collapse_repeats
+
+    rng = np.random.default_rng(0)
+    cases = ["", "short", "a" * 21, "a" * 20, "ha" * 25 + " end", "x" + "abc" * 20 + "y" * 30,
+             "the cat " * 19, "the cat " * 21 + "sat"]
+    for _ in range(300):  # random texts with loops of random units spliced in
+        parts = []
+        for _ in range(int(rng.integers(1, 5))):
+            unit = "".join(rng.choice(list("abc d"), size=int(rng.integers(1, 6))))
+            parts.append(unit * int(rng.integers(1, 30)))
+        cases.append("".join(parts))
+    for text in cases:
+        assert collapse_repeats(text) == _detect_and_fix_repetitions(text), text
