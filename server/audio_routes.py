@@ -163,12 +163,14 @@ async def _events(handle, states, opts, usage):
     readers = {r: _AnswerText(opts["language"] is not None) for r in order}
     held = {r: [] for r in order}
     finished, current, text = set(), 0, []
+    raw = {r: [] for r in order}
     try:
         while not handle.done:
             for d in await handle.next_batch():
                 if d.error:
                     yield sse({"type": "error", "error": {"message": d.error}})
                     return
+                raw[d.rid].append(d.text)
                 piece = readers[d.rid].feed(d.text)
                 if d.finished:
                     piece += readers[d.rid].finish()
@@ -189,8 +191,11 @@ async def _events(handle, states, opts, usage):
                 if current < len(order) and text:
                     text.append(" ")
                     yield sse({"type": "transcript.text.delta", "delta": " "})
-        yield sse({"type": "transcript.text.done", "text": "".join(text).strip(),
-                   "usage": usage})
+        # The final text is post-processed as whole answers are (decoding loops collapsed),
+        # so it may be shorter than the deltas sent as they came.
+        answers = [parse_transcription("".join(raw[r]), opts["language"]).text for r in order]
+        yield sse({"type": "transcript.text.done", "usage": usage,
+                   "text": " ".join(a for a in answers if a)})
     finally:
         handle.abort()
 

@@ -50,8 +50,11 @@ def test_schema_fuzzing_finds_no_5xx_and_no_nonconformance(server):
     assert out.returncode == 0, out.stderr[-4000:]
     ran = json.loads(out.stdout.strip().splitlines()[-1])
     posts = {k: v for k, v in ran.items() if k.startswith("POST")}
-    # chat, completions, generate and audio transcriptions, each positive and negative
-    assert len(posts) == 8 and all(n > 0 for n in posts.values()), ran
+    # chat, completions and generate, positive and negative; audio transcriptions (a
+    # multipart form the schema does not describe: positive only)
+    json_posts = {k: v for k, v in posts.items() if "/audio/" not in k}
+    assert len(json_posts) == 6 and all(n > 0 for n in json_posts.values()), ran
+    assert posts["POST /v1/audio/transcriptions [positive]"] > 0, ran
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
                    timeout=60)
     assert r.status_code == 200
