@@ -10,6 +10,7 @@ from flax import nnx
 from sgljax.engine.config import ModelConfig
 from sgljax.engine.convert import convert_model
 from sgljax.engine.engine import Engine
+from sgljax.engine.mesh import make_mesh
 from sgljax.engine.moe import experts_dense, experts_grouped, route, sparse_mlp
 from sgljax.engine.params import abstract_model
 from sgljax.engine.sampling_params import SamplingParams
@@ -178,7 +179,7 @@ def test_recipe_weight_bytes_count_every_expert(name):
 
     recipe = R.load_recipe(name)
     cfg = ModelConfig.from_hf_dict(_config_from_recipe(recipe.shape))
-    mesh = jax.make_mesh((1,), ("tp",), devices=jax.devices()[:1])
+    mesh = make_mesh(1, devices=jax.devices()[:1])
     model = abstract_model(cfg, mesh, jnp.bfloat16, cfg.num_kv_heads)  # shapes only
     stored = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert stored == cfg.param_count()
