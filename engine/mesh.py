@@ -30,8 +30,8 @@ def make_mesh(tp_size: int = 1, devices=None, *, ep_size: int = 1):
     if tp_size < 1 or tp_size > len(devices):
         raise MeshError(f"--tp-size {tp_size} needs {tp_size} devices; {len(devices)} visible")
     if ep_size < 1 or ep_size * tp_size > len(devices):
-        raise MeshError(f"--ep-size {ep_size} × --tp-size {tp_size} needs "
-                        f"{ep_size * tp_size} devices; {len(devices)} visible")
+        raise MeshError(f"--ep-size {ep_size} and --tp-size {tp_size} need "
+                        f"{ep_size * tp_size} devices (ep x tp); {len(devices)} visible")
     # Auto axes: XLA places the collectives of row-parallel matmuls itself. tp is the
     # inner (minor) axis, so a tp group is neighbouring devices (one host's, on many).
     return jax.make_mesh((ep_size, tp_size), (EP, TP), axis_types=(AxisType.Auto,) * 2,

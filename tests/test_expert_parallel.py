@@ -135,10 +135,26 @@ def test_no_compiles_after_warmup_with_ep(models, tmp_path):
 def test_ep_size_checks(models, tiny_models):
     with pytest.raises(ValueError, match="--ep-size must be at least 1"):
         EngineArgs(ep_size=0)
-    with pytest.raises(MeshError, match="--ep-size 4 × --tp-size 2 needs 8 devices; 4 visible"):
+    with pytest.raises(MeshError, match=r"--ep-size 4 and --tp-size 2 need 8 devices \(ep x tp\); "
+                                        "4 visible"):
         make_mesh(2, ep_size=4)
     with pytest.raises(ModelConfigError, match="--ep-size 3 does not divide the model's 8"):
         Engine(model_path=str(models["qwen3_moe"]), ep_size=3, **SMALL)
     with pytest.raises(ModelConfigError, match="--ep-size 2 splits the experts of MoE layers; "
                                                "Qwen3ForCausalLM has none"):
         Engine(model_path=str(tiny_models["qwen3"]), ep_size=2, **SMALL)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ep-size", "4", "--tp-size", "2"], "--ep-size 4 and --tp-size 2 need 8 devices"),
+    (["--ep-size", "2", "--model-path", "DENSE"], "--ep-size 2 splits the experts of MoE layers"),
+    (["--ep-size", "0"], "--ep-size must be at least 1"),
+])
+def test_cli_bad_ep_is_one_line(flags, message, tiny_models):
+    from test_cli import _sgljax
+
+    flags = [str(tiny_models["qwen3"]) if f == "DENSE" else f for f in flags]
+    out = _sgljax("generate", *flags, "--max-total-tokens", "512", "hi")
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
