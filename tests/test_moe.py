@@ -81,7 +81,8 @@ def test_tp2_equals_tp1(moe_models, references):
     for name in ("qwen3_moe_e8k2", "qwen2_moe_shared"):
         eng = Engine(model_path=str(moe_models[name]), tp_size=2, **SMALL)
         spec = eng.runner.model.layers.expert_gate_proj[...].sharding.spec
-        assert tuple(spec)[:3] == (None, None, "tp")  # experts' rows split, not replicated
+        assert tuple(spec)[:3] == (None, "ep", "tp")  # experts' rows split, not replicated
+        assert dict(eng.mesh.shape) == {"ep": 1, "tp": 2}
         assert _tokens(eng, prompts) == ref[name]
 
 
