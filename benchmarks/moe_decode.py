@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--ep", type=int, nargs="+", default=[1],
                     help="expert-parallel sizes (ep > 1 needs that many devices, e.g. "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=4 on CPU)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_moe_model(
@@ -77,13 +78,14 @@ def main() -> None:
         for backend in args.backends:
             for ep in args.ep:
                 engine = Engine(model_path=str(path), moe_backend=backend, ep_size=ep,
+                                tp_size=args.tp,
                                 max_running_requests=max(args.batch), context_length=256,
                                 disable_radix_cache=True, max_total_tokens=max(args.batch) * 256)
                 for bs in args.batch:
                     decode_rate(engine, bs, args.input_len, args.output_len, seed=0)  # compiles
                     rate = decode_rate(engine, bs, args.input_len, args.output_len, seed=1)
-                    print(f"{backend:8s} ep {ep} batch {bs:3d}: {rate:8.1f} tok/s decode "
-                          f"({bs / rate * 1000:.2f} ms/step)", flush=True)
+                    print(f"{backend:8s} ep {ep} tp {args.tp} batch {bs:3d}: {rate:8.1f} tok/s "
+                          f"decode ({bs / rate * 1000:.2f} ms/step)", flush=True)
 
 
 if __name__ == "__main__":
