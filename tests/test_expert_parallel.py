@@ -119,6 +119,12 @@ def test_convert_then_serve_on_ep_meshes(models, ep1_tokens, tmp_path):
                 assert tuple(arr.sharding.spec)[:2] == (None, "ep"), tensor
                 assert arr.addressable_shards[0].data.shape[1] == 8 // ep
             assert _tokens(eng, _prompts()) == ep1_tokens[name], (name, ep, tp)
+    # Written in tp=2 chunks, restored onto a mesh of another shape (ep=4, tp=1).
+    out = tmp_path / "tp2"
+    convert_model(models["qwen3_moe"], out, tp_size=2)
+    eng = Engine(model_path=str(out), ep_size=4, **SMALL)
+    assert eng.runner.model.layers.expert_up_proj[...].addressable_shards[0].data.shape[1] == 2
+    assert _tokens(eng, _prompts()) == ep1_tokens["qwen3_moe"]
 
 
 def test_no_compiles_after_warmup_with_ep(models, tmp_path):
