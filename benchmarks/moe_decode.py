@@ -1,12 +1,20 @@
-"""Decode tokens/s of the two MoE backends (dense, grouped) on a tiny random Qwen3-MoE.
+"""Decode tokens/s of the two MoE backends (dense, grouped) on a tiny random Qwen3-MoE,
+at one or more expert-parallel sizes (``--ep``).
 
     PYTHONSAFEPATH=1 .venv/bin/python benchmarks/moe_decode.py --batch 1 32
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 PYTHONSAFEPATH=1 \
+        .venv/bin/python benchmarks/moe_decode.py --batch 1 32 --ep 1 2 4 --backends grouped
 
 Builds the model with transformers (64 experts, top-8, hidden 256, 4 layers by
 default) into a temporary folder, then for each backend and batch size: one
 untimed round (compiles), then a timed one. The rate counts the tokens decoded
 after every request had its first token, over the time that took (prefill left
 out), with max_tokens fixed and ignore_eos.
+
+Forced CPU devices share the host's cores, so ep > 1 there shows what splitting the
+experts costs (shard_map, psum, attention on every shard), not what it gains on chips
+with their own memory. On one device (ep 1) the engine may pick its C++ CPU kernels
+(engine/cpu_kernels.py), which it never uses on a mesh of several.
 """
 
 from __future__ import annotations
@@ -53,6 +61,10 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--backends", nargs="+", default=["dense", "grouped"])
+    ap.add_argument("--ep", type=int, nargs="+", default=[1],
+                    help="expert-parallel sizes (ep > 1 needs that many devices, e.g. "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=4 on CPU)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_moe_model(
@@ -64,14 +76,16 @@ def main() -> None:
               f"moe_intermediate {args.moe_intermediate}, {args.layers} layers, vocab {args.vocab}; "
               f"{args.input_len}-token prompts, {args.output_len} tokens each")
         for backend in args.backends:
-            engine = Engine(model_path=str(path), moe_backend=backend,
-                            max_running_requests=max(args.batch), context_length=256,
-                            disable_radix_cache=True, max_total_tokens=max(args.batch) * 256)
-            for bs in args.batch:
-                decode_rate(engine, bs, args.input_len, args.output_len, seed=0)  # compiles
-                rate = decode_rate(engine, bs, args.input_len, args.output_len, seed=1)
-                print(f"{backend:8s} batch {bs:3d}: {rate:8.1f} tok/s decode "
-                      f"({bs / rate * 1000:.2f} ms/step)")
+            for ep in args.ep:
+                engine = Engine(model_path=str(path), moe_backend=backend, ep_size=ep,
+                                tp_size=args.tp,
+                                max_running_requests=max(args.batch), context_length=256,
+                                disable_radix_cache=True, max_total_tokens=max(args.batch) * 256)
+                for bs in args.batch:
+                    decode_rate(engine, bs, args.input_len, args.output_len, seed=0)  # compiles
+                    rate = decode_rate(engine, bs, args.input_len, args.output_len, seed=1)
+                    print(f"{backend:8s} ep {ep} tp {args.tp} batch {bs:3d}: {rate:8.1f} tok/s "
+                          f"decode ({bs / rate * 1000:.2f} ms/step)", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm")  # engine/scheduler.py
 DEVICES = ("auto", "cpu", "tpu", "gpu", "proxy")
 CONTROLLERS = ("multi", "pathways")
 MOE_BACKENDS = ("dense", "grouped")  # engine/moe.py's MOE_BACKENDS
-POSITIVE_INTS = ("tp_size", "page_size", "max_running_requests", "chunked_prefill_size",
+POSITIVE_INTS = ("tp_size", "ep_size", "page_size", "max_running_requests", "chunked_prefill_size",
                  "max_prefill_seqs", "new_seqs_per_prefill", "context_length",
                  "max_total_tokens", "nnodes")
 
@@ -63,6 +63,9 @@ class EngineArgs:
         "else the weights'), float32, bfloat16 or float16 (halves the bytes attention reads; "
         "llama.cpp's default).")
     tp_size: int = _flag(1, "Tensor-parallel devices.")
+    ep_size: int = _flag(
+        1, "Expert-parallel groups (MoE models): the experts split over this many groups of "
+        "--tp-size devices each (ep × tp devices in all); must divide the experts.")
     page_size: int = _flag(16, "Tokens per KV page.")
     max_running_requests: int = _flag(64, "Sequences decoded together at most.")
     chunked_prefill_size: int = _flag(512, "Token budget of one prefill step.",

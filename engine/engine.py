@@ -65,7 +65,7 @@ class Engine:
         self.healthy = True
         if args.nnodes > 1:  # EngineArgs made sure dist_init_addr is there
             init_distributed(args.dist_init_addr, args.nnodes, args.node_rank)
-        self.mesh = make_mesh(args.tp_size)
+        self.mesh = make_mesh(args.tp_size, ep_size=args.ep_size)
         loaded = load_model(resolve_model_path(args.model_path), self.mesh, args.dtype)
         self.model_config = cfg = loaded.config
         self.model_path = loaded.path

@@ -7,8 +7,9 @@ and sparse layers stack separately (each over its own layers, so no layer holds
 weights of both kinds); the layers run in order as one scan per run of consecutive
 layers of one kind (``ModelConfig.layer_runs``): one scan for the usual
 every-layer-sparse model, a few where ``mlp_only_layers`` interleave dense layers.
-Every parameter carries the names of the mesh axes it is split over (``"tp"``), even when the mesh has one
-device, so tensor parallelism is a matter of the mesh, not of the model.
+Every parameter carries the names of the mesh axes it is split over (``"tp"``; expert
+weights also ``"ep"``), even when the mesh has one device, so tensor and expert
+parallelism are a matter of the mesh, not of the model (engine/mesh.py).
 
 How the weights reach the matmuls (stacked or per layer, fused, XLA's dots or a
 C++ kernel) is engine/weight_forms.py; this file is what the model computes.
@@ -25,13 +26,13 @@ from flax import nnx
 
 from sgljax.engine.batch import StepBatch
 from sgljax.engine.config import ModelConfig, rope_inv_freq
+from sgljax.engine.mesh import TP
 from sgljax.engine.layers import apply_rope, rms_norm, rms_norm_features, rope_cos_sin
-from sgljax.engine.moe import EXPERT_TENSORS, sparse_mlp
+from sgljax.engine.moe import EXPERT_SPECS, EXPERT_TENSORS, sparse_mlp
 from sgljax.engine.weights import DENSE_MLP_TENSORS, MOE_TENSORS, SHARED_EXPERT_TENSORS
 from sgljax.engine.weight_forms import LinearKernel, Matmuls, Weights, dense, step_matmuls
 from sgljax.kernels.paged_attention import paged_attention, write_kv
 
-TP = "tp"
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, sharding, scale=0.02, ones=False):
@@ -70,12 +71,12 @@ class DecoderLayers(nnx.Module):
             self.gate_proj = p((dense_layers, f, d), (None, TP, None))
             self.up_proj = p((dense_layers, f, d), (None, TP, None))
             self.down_proj = p((dense_layers, d, f), (None, None, TP))
-        if moe_layers:  # (L_moe, E, out, in): experts' matmul dims split over tp like dense MLPs
+        if moe_layers:  # (L_moe, E, out, in): experts over ep, matmul dims over tp (moe.py)
             E, fm, fs = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
             self.router = p((moe_layers, E, d), (None, None, None))
-            self.expert_gate_proj = p((moe_layers, E, fm, d), (None, None, TP, None))
-            self.expert_up_proj = p((moe_layers, E, fm, d), (None, None, TP, None))
-            self.expert_down_proj = p((moe_layers, E, d, fm), (None, None, None, TP))
+            self.expert_gate_proj = p((moe_layers, E, fm, d), EXPERT_SPECS["expert_gate_proj"])
+            self.expert_up_proj = p((moe_layers, E, fm, d), EXPERT_SPECS["expert_up_proj"])
+            self.expert_down_proj = p((moe_layers, E, d, fm), EXPERT_SPECS["expert_down_proj"])
             if fs:
                 self.shared_gate_proj = p((moe_layers, fs, d), (None, TP, None))
                 self.shared_up_proj = p((moe_layers, fs, d), (None, TP, None))

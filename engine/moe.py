@@ -22,6 +22,17 @@ sparse layer's stacked: (L_moe, E, out, in), with ``w["moe_layer"]`` this layer'
 index into them, so the grouped loop reads one expert's matrix where it lies; a
 scan's per-layer slice of them would be copied every step on XLA:CPU (at batch 1
 that copy made the step 3x slower).
+
+Expert parallelism (a mesh ``ep`` axis over 1, engine/mesh.py): the expert axis E of
+the expert weights is split over ``ep`` (``EXPERT_SPECS``), their FFN dim over ``tp``.
+The tokens of a step are on every ep shard already (the layers around the MoE block
+are replicated over ep), so dispatch needs no all-to-all: inside a ``shard_map`` each
+shard takes the assignments routed to its own experts (ids outside its range count
+as absent: zero in the dense mix, a trailing group the grouped path never computes),
+runs its backend on them, and one ``psum`` over (ep, tp) adds the shards' partial
+outputs. Static shapes are sized for the case where every assignment lands on one
+shard, so no capacity limit exists and no token is dropped; the grouped loop runs only
+the tiles the routing filled, so a shard's work follows its own assignments.
 """
 
 from __future__ import annotations
@@ -29,11 +40,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.lax import RaggedDotDimensionNumbers, ragged_dot_general
+from jax.sharding import PartitionSpec as P
 
 from sgljax.engine.config import ModelConfig
+from sgljax.engine.mesh import EP, TP, ep_size_of
 
 MOE_BACKENDS = ("dense", "grouped")
 EXPERT_TENSORS = ("expert_gate_proj", "expert_up_proj", "expert_down_proj")
+# (L_moe, E, out, in): experts over ep; gate/up rows and down columns over tp, as dense MLPs.
+EXPERT_SPECS = {"expert_gate_proj": (None, EP, TP, None),
+                "expert_up_proj": (None, EP, TP, None),
+                "expert_down_proj": (None, EP, None, TP)}
 
 
 def _experts(w: dict, name: str, expert=None) -> jax.Array:
@@ -101,23 +118,30 @@ def _ragged(rows: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
 
 
 def experts_grouped(x: jax.Array, w: dict, experts: jax.Array, weights: jax.Array,
-                    use_ragged_dot: bool, loop: bool = True) -> jax.Array:
-    """Each token's k experts only: assignments sorted by expert, grouped matmuls."""
+                    use_ragged_dot: bool, loop: bool = True, shards: int = 1) -> jax.Array:
+    """Each token's k experts only: assignments sorted by expert, grouped matmuls.
+
+    ``experts`` may hold ids outside 0..E-1 (E: the experts ``w`` holds): assignments to
+    experts of other ep shards, which add nothing here. ``shards``: how many ep shards
+    split the model's experts (sizes the tiles for the assignments one shard expects)."""
     n, k = experts.shape
     num_experts = w["expert_gate_proj"].shape[1]
     flat = experts.reshape(n * k)
-    order = jnp.argsort(flat, stable=True)  # assignment ids, grouped by expert
+    here = (flat >= 0) & (flat < num_experts)
+    group = jnp.where(here, flat, num_experts)  # absent ones: one last group, never computed
+    order = jnp.argsort(group, stable=True)  # assignment ids, grouped by expert
     token = order // k
-    counts = jnp.bincount(flat, length=num_experts)
+    counts = jnp.bincount(group, length=num_experts + 1)[:num_experts]
     rows = x[token]  # (A, D)
-    if use_ragged_dot:
+    if use_ragged_dot:  # rows past sum(counts) come out zero (and are masked below)
         act = _swiglu(_ragged(rows, _experts(w, "expert_gate_proj"), counts),
                       _ragged(rows, _experts(w, "expert_up_proj"), counts))
         out = _ragged(act, _experts(w, "expert_down_proj"), counts)
     else:
-        out = _grouped_tiles(rows, w, flat[order], counts, loop)
+        out = _grouped_tiles(rows, w, group[order], counts, here[order], loop, shards)
     # Back to assignment order, then each token's k outputs weighted and summed.
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
+    unsorted = jnp.where(here.reshape(n, k, 1), unsorted, 0)
     return jnp.einsum("nkd,nk->nd", unsorted, weights)
 
 
@@ -130,33 +154,48 @@ def _tile_mlp(tile: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) 
 
 
 def _grouped_tiles(rows: jax.Array, w: dict, sorted_expert: jax.Array, counts: jax.Array,
-                   loop: bool = True) -> jax.Array:
-    """The experts' MLPs on ``rows`` (sorted by expert), by tiles of one expert each.
+                   here: jax.Array, loop: bool = True, shards: int = 1) -> jax.Array:
+    """The experts' MLPs on ``rows`` (sorted by expert; ``here`` false for the trailing
+    rows of other shards' experts, which get zeros), by tiles of one expert each.
 
-    ``loop``: a ``lax.map`` over the tiles, each reading its expert's weights where they
-    lie. Without it, one batched matmul over every tile's gathered weights: the same
-    tiles and products, which XLA's cost analysis can count (it counts a loop's body
-    once), but 5-15x slower on XLA:CPU (64 experts of 256 → 128, 112 tiles of 4 rows:
-    45 against 3 ms), which runs batched dots of small matrices poorly."""
+    ``loop``: a loop over the tiles the routing filled (a dynamic trip count: on an ep
+    shard, the tiles of its own assignments only), each reading its expert's weights
+    where they lie. Without it, one batched matmul over every tile's gathered weights:
+    the same tiles and products, which XLA's cost analysis can count (it counts a
+    loop's body once), but 5-15x slower on XLA:CPU (64 experts of 256 → 128, 112 tiles
+    of 4 rows: 45 against 3 ms), which runs batched dots of small matrices poorly."""
     assignments, num_experts = rows.shape[0], counts.shape[0]
-    tile = tile_rows(assignments, num_experts)
+    tile = tile_rows(assignments // shards, num_experts)
     num_tiles = (assignments + num_experts * (tile - 1)) // tile  # the most any routing needs
     tiles_per_expert = (counts + tile - 1) // tile
     tile_end = jnp.cumsum(tiles_per_expert)
     group_start = jnp.cumsum(counts) - counts
-    rank = jnp.arange(assignments) - group_start[sorted_expert]
-    padded_row = (tile_end - tiles_per_expert)[sorted_expert] * tile + rank
-    padded = jnp.zeros((num_tiles * tile, rows.shape[1]), rows.dtype).at[padded_row].set(rows)
+    local = jnp.minimum(sorted_expert, num_experts - 1)
+    rank = jnp.arange(assignments) - group_start[local]
+    # Rows of other shards' experts point past the end: dropped on the way in, zero out.
+    padded_row = jnp.where(here, (tile_end - tiles_per_expert)[local] * tile + rank,
+                           num_tiles * tile)
+    padded = jnp.zeros((num_tiles * tile, rows.shape[1]), rows.dtype).at[padded_row].set(
+        rows, mode="drop")
     # Tiles past the last expert's hold zeros: any expert gives silu(0) * 0 = 0 there.
     tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"),
                               num_experts - 1)
     tiles = padded.reshape(num_tiles, tile, -1).transpose(0, 2, 1)  # (tiles, in, rows)
+    weights = lambda e: [_experts(w, n, e) for n in EXPERT_TENSORS]  # noqa: E731
     if loop:
-        out = jax.lax.map(lambda a: _tile_mlp(a[0], *(_experts(w, n, a[1]) for n in EXPERT_TENSORS)),
-                          (tiles, tile_expert))
+        tile_mlp = lambda i: _tile_mlp(tiles[i], *weights(tile_expert[i]))  # noqa: E731
+        # The carry's zeros take a tile's type: inside a shard_map that says it varies
+        # over ep and tp, as the products written into it do (a loop keeps one type).
+        # Only its shape is used, so XLA computes no tile for it.
+        zeros = jnp.zeros_like(tile_mlp(0))
+        out = jax.lax.fori_loop(  # tile_end[-1]: the tiles in use; the rest stay zero
+            0, tile_end[-1],
+            lambda i, out: out.at[i].set(tile_mlp(i)),
+            jnp.broadcast_to(zeros, (num_tiles, *zeros.shape)))
     else:
-        out = jax.vmap(_tile_mlp)(tiles, *(_experts(w, n, tile_expert) for n in EXPERT_TENSORS))
-    return out.transpose(0, 2, 1).reshape(num_tiles * tile, -1)[padded_row]
+        out = jax.vmap(_tile_mlp)(tiles, *weights(tile_expert))
+    return out.transpose(0, 2, 1).reshape(num_tiles * tile, -1).at[padded_row].get(
+        mode="fill", fill_value=0)
 
 
 def shared_expert(x: jax.Array, w: dict) -> jax.Array:
@@ -165,20 +204,53 @@ def shared_expert(x: jax.Array, w: dict) -> jax.Array:
     return jax.nn.sigmoid(_linear(x, w["shared_expert_gate"])) * _linear(act, w["shared_down_proj"])
 
 
+def _routed(x: jax.Array, w: dict, experts: jax.Array, weights: jax.Array, backend: str,
+            use_ragged_dot: bool, shards: int = 1) -> jax.Array:
+    """The routed experts' weighted sum on x, by ``backend``."""
+    if backend == "dense":
+        return experts_dense(x, w, experts, weights)
+    if backend == "grouped":
+        return experts_grouped(x, w, experts, weights, use_ragged_dot, shards=shards)
+    raise ValueError(f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, not {backend!r}")
+
+
+def _expert_parallel(mesh, x: jax.Array, w: dict, experts: jax.Array, weights: jax.Array,
+                     backend: str, use_ragged_dot: bool) -> jax.Array:
+    """``_routed`` with the experts split over ``ep`` (see the module doc)."""
+    shards = ep_size_of(mesh)
+
+    def local(x, experts, weights, layer, expert_w):
+        mine = expert_w["expert_gate_proj"].shape[1]  # this shard's experts: a contiguous run
+        first = jax.lax.axis_index(EP) * mine
+        out = _routed(x, {**expert_w, "moe_layer": layer}, experts - first, weights, backend,
+                      use_ragged_dot, shards)
+        # Over ep: each shard's experts; over tp: each device's slice of the FFN dim.
+        return jax.lax.psum(out, (EP, TP))
+
+    expert_w = {name: w[name] for name in EXPERT_TENSORS}
+    return jax.shard_map(local, mesh=mesh, out_specs=P(),
+                         in_specs=(P(), P(), P(), P(),
+                                   {name: P(*EXPERT_SPECS[name]) for name in EXPERT_TENSORS}),
+                         )(x, experts, weights, w["moe_layer"], expert_w)
+
+
 def sparse_mlp(cfg: ModelConfig, w: dict, x: jax.Array, backend: str,
                use_ragged_dot: bool | None = None) -> jax.Array:
     """The MoE block on token-major x (N, D) → (N, D).
 
-    ``use_ragged_dot`` (grouped backend): None picks it on TPU only (see the module doc)."""
-    experts, weights = route(cfg, x, w["router"])
-    if backend == "dense":
-        out = experts_dense(x, w, experts, weights)
-    elif backend == "grouped":
-        if use_ragged_dot is None:
-            use_ragged_dot = jax.default_backend() == "tpu"
-        out = experts_grouped(x, w, experts, weights, use_ragged_dot)
-    else:
+    ``use_ragged_dot`` (grouped backend): None picks it on TPU only (see the module doc).
+    Under a mesh whose ``ep`` axis is over 1 (``jax.set_mesh``), the experts run expert
+    parallel."""
+    if backend not in MOE_BACKENDS:
         raise ValueError(f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, not {backend!r}")
+    if use_ragged_dot is None:
+        use_ragged_dot = jax.default_backend() == "tpu"
+    experts, weights = route(cfg, x, w["router"])
+    mesh = jax.sharding.get_abstract_mesh()
+    if ep_size_of(mesh) > 1:
+        out = _expert_parallel(mesh, x, w, experts, weights, backend, use_ragged_dot)
+    else:
+        out = _routed(x, w, experts, weights, backend, use_ragged_dot)
     if cfg.shared_expert_intermediate_size:
         out = out + shared_expert(x, w)
     return out

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sgljax.engine.config import ModelConfig, ModelConfigError
+from sgljax.engine.mesh import ep_size_of
 from sgljax.engine.model import Decoder
 
 
@@ -27,8 +28,22 @@ def kv_heads_for(cfg: ModelConfig, tp: int) -> int:
     return tp
 
 
+def check_expert_parallel(cfg: ModelConfig, ep: int) -> None:
+    """ep > 1 needs a mixture-of-experts model whose experts split evenly over it."""
+    if ep == 1:
+        return
+    if not cfg.is_moe:
+        raise ModelConfigError(f"--ep-size {ep} splits the experts of MoE layers; "
+                               f"{cfg.architecture} has none (use --ep-size 1)")
+    if cfg.num_experts % ep:
+        raise ModelConfigError(f"--ep-size {ep} does not divide the model's "
+                               f"{cfg.num_experts} experts")
+
+
 def abstract_model(cfg: ModelConfig, mesh, dtype, kv_heads: int):
-    """A Decoder whose parameters are ShapeDtypeStructs carrying their NamedShardings."""
+    """A Decoder whose parameters are ShapeDtypeStructs carrying their NamedShardings
+    (every path that puts weights on a mesh starts here, so the ep check lives here)."""
+    check_expert_parallel(cfg, ep_size_of(mesh))
     with jax.set_mesh(mesh):
         return nnx.eval_shape(lambda: Decoder(cfg, kv_heads=kv_heads, dtype=dtype))
 

@@ -10,6 +10,7 @@ from flax import nnx
 from sgljax.engine.config import ModelConfig
 from sgljax.engine.convert import convert_model
 from sgljax.engine.engine import Engine
+from sgljax.engine.mesh import make_mesh
 from sgljax.engine.moe import experts_dense, experts_grouped, route, sparse_mlp
 from sgljax.engine.params import abstract_model
 from sgljax.engine.sampling_params import SamplingParams
@@ -80,7 +81,8 @@ def test_tp2_equals_tp1(moe_models, references):
     for name in ("qwen3_moe_e8k2", "qwen2_moe_shared"):
         eng = Engine(model_path=str(moe_models[name]), tp_size=2, **SMALL)
         spec = eng.runner.model.layers.expert_gate_proj[...].sharding.spec
-        assert tuple(spec)[:3] == (None, None, "tp")  # experts' rows split, not replicated
+        assert tuple(spec)[:3] == (None, "ep", "tp")  # experts' rows split, not replicated
+        assert dict(eng.mesh.shape) == {"ep": 1, "tp": 2}
         assert _tokens(eng, prompts) == ref[name]
 
 
@@ -178,7 +180,7 @@ def test_recipe_weight_bytes_count_every_expert(name):
 
     recipe = R.load_recipe(name)
     cfg = ModelConfig.from_hf_dict(_config_from_recipe(recipe.shape))
-    mesh = jax.make_mesh((1,), ("tp",), devices=jax.devices()[:1])
+    mesh = make_mesh(1, devices=jax.devices()[:1])
     model = abstract_model(cfg, mesh, jnp.bfloat16, cfg.num_kv_heads)  # shapes only
     stored = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert stored == cfg.param_count()

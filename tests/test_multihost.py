@@ -28,8 +28,9 @@ def _prompts():
     return [rng.integers(100, 150000, size=n).tolist() for n in (4, 19, 30)]
 
 
-def _start(model, rank, port, steps, *extra):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+def _start(model, rank, port, steps, *extra, env_extra=None):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               **(env_extra or {}))
     return subprocess.Popen([sys.executable, WORKER, str(model), str(rank), str(port),
                              json.dumps(_prompts()), str(steps), *map(str, extra)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -54,6 +55,31 @@ def test_two_hosts_match_single_process_tp4(tiny_models):
         out, err = leader.communicate(timeout=300)
         assert leader.returncode == 0, err[-2000:]
         tokens = json.loads(next(l for l in out.splitlines() if l.startswith("TOKENS "))[7:])
+        assert tokens == expected
+        assert follower.wait(timeout=60) == 0
+    finally:
+        _kill(leader, follower)
+
+
+def test_two_hosts_expert_parallel_match_ep1(tmp_path):
+    """ep=2 × tp=2 over two processes of 2 devices: the ep axis spans the hosts (tp is the
+    mesh's inner axis), so each host holds half the experts; tokens as one device's."""
+    from tiny_models import build_tiny_moe_model
+
+    model = build_tiny_moe_model("qwen2_moe", tmp_path / "moe", num_hidden_layers=2)
+    expected = [o["token_ids"] for o in Engine(
+        model_path=str(model), page_size=4, chunked_prefill_size=16, max_running_requests=4,
+        context_length=128, max_total_tokens=1024).generate(
+        _prompts(), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))]
+    port = _free_port()
+    layout = {"MULTIHOST_EP": "2", "MULTIHOST_TP": "2"}
+    leader, follower = (_start(model, r, port, 8, env_extra=layout) for r in (0, 1))
+    try:
+        out, err = leader.communicate(timeout=300)
+        assert leader.returncode == 0, err[-2000:]
+        tokens = json.loads(next(l for l in out.splitlines() if l.startswith("TOKENS "))[7:])
+        mesh = json.loads(next(l for l in out.splitlines() if l.startswith("MESH "))[5:])
+        assert mesh == [[0, 0], [1, 1]]  # rows: ep shards, one per host
         assert tokens == expected
         assert follower.wait(timeout=60) == 0
     finally:
