@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sgljax.engine.asr_config import AsrConfig
-from sgljax.engine.asr_features import (
-    HOP, MIN_SAMPLES, SAMPLE_RATE, audio_features, num_audio_tokens)
+from sgljax.engine.asr_features import SAMPLE_RATE, AudioFeatures, audio_features
 from sgljax.engine.asr_loader import load_audio_params
 from sgljax.engine.asr_prompt import expand_audio_pads, prompt_text
 from sgljax.engine.asr_runner import AudioEncoderRunner
@@ -26,6 +26,14 @@ from sgljax.engine.request import Sequence
 from sgljax.engine.sampling_params import RequestError
 
 MAX_CLIP_SECONDS = 20 * 60  # longer audio: split it first (one request per piece)
+
+
+@dataclass(frozen=True)
+class PreparedClip:
+    """A checked clip: its features, and the id its placeholders carry in the prefix cache
+    (a hash of the samples: the same audio shares cached pages, other audio never)."""
+    features: AudioFeatures
+    key: int
 
 
 class AudioFrontend:
@@ -50,24 +58,25 @@ class AudioFrontend:
             raise RequestError(str(e), "language") from None
         return tokenizer.encode(text, add_special_tokens=False)
 
-    def num_tokens(self, num_samples: int) -> int:
-        """Encoder outputs (prompt tokens) of a clip of ``num_samples`` 16 kHz samples."""
-        return num_audio_tokens(max(num_samples, MIN_SAMPLES) // HOP, self.cfg.encoder)
+    def prepare_clip(self, samples: np.ndarray) -> PreparedClip:
+        """Check one clip and compute what the engine needs of it. Pure and thread-safe:
+        servers call it in their worker threads, off the engine's step loop."""
+        a = np.asarray(samples, np.float32)
+        if a.ndim != 1 or not a.size:
+            raise RequestError("audio must be non-empty mono samples (1-D)", "audio")
+        if a.size > MAX_CLIP_SECONDS * SAMPLE_RATE:
+            raise RequestError(f"audio clips are limited to {MAX_CLIP_SECONDS} s", "audio")
+        if not np.isfinite(a).all():
+            raise RequestError("audio samples must be finite", "audio")
+        key = -1 - int.from_bytes(hashlib.blake2b(a.tobytes(), digest_size=7).digest(), "big")
+        return PreparedClip(audio_features(a, self.cfg.encoder), key)
 
-    def prepare(self, ids: list[int], audio: Iterable[np.ndarray]) -> tuple[list[int], dict]:
-        """(prompt ids with every placeholder expanded, the Sequence's audio fields)."""
-        clips = []
-        for a in audio:
-            a = np.asarray(a, np.float32)
-            if a.ndim != 1 or not a.size:
-                raise RequestError("audio must be non-empty mono samples (1-D)", "audio")
-            if a.size > MAX_CLIP_SECONDS * SAMPLE_RATE:
-                raise RequestError(f"audio clips are limited to {MAX_CLIP_SECONDS} s", "audio")
-            if not np.isfinite(a).all():
-                raise RequestError("audio samples must be finite", "audio")
-            clips.append((a, audio_features(a, self.cfg.encoder)))
+    def prepare(self, ids: list[int], audio: Iterable) -> tuple[list[int], dict]:
+        """(prompt ids with every placeholder expanded, the Sequence's audio fields).
+        ``audio``: samples, or clips ``prepare_clip`` already made."""
+        clips = [a if isinstance(a, PreparedClip) else self.prepare_clip(a) for a in audio]
         pad = self.cfg.audio_token_id
-        counts = [f.num_tokens for _, f in clips]
+        counts = [c.features.num_tokens for c in clips]
         have = sum(t == pad for t in ids)
         if have == len(clips) and have != sum(counts):  # one placeholder per clip: expand
             ids = expand_audio_pads(ids, pad, counts)
@@ -77,12 +86,11 @@ class AudioFrontend:
         positions = np.flatnonzero(np.asarray(ids) == pad)
         cache_ids = list(ids)
         at = 0
-        for (a, _), n in zip(clips, counts):  # this clip's placeholders: an id of its own
-            key = -1 - int.from_bytes(hashlib.blake2b(a.tobytes(), digest_size=7).digest(), "big")
+        for clip, n in zip(clips, counts):  # this clip's placeholders: an id of its own
             for p in positions[at:at + n]:
-                cache_ids[p] = key
+                cache_ids[p] = clip.key
             at += n
-        return ids, dict(audio_clips=[f for _, f in clips], audio_positions=positions,
+        return ids, dict(audio_clips=[c.features for c in clips], audio_positions=positions,
                          audio_cache_ids=cache_ids)
 
     def encode_pending(self, seqs: Iterable[Sequence]) -> int:

@@ -158,9 +158,10 @@ class Engine:
         """Tokenize (text prompts), validate and queue a request; RequestError if it
         cannot be served as asked (the same checks as the HTTP routes').
 
-        ``audio`` (ASR models): mono 16 kHz float32 clips, one per ``<|audio_pad|>`` run
-        of the prompt, in order; a single placeholder per clip is expanded to the clip's
-        encoder outputs (``transcription_prompt`` writes such prompts)."""
+        ``audio`` (ASR models): mono 16 kHz float32 clips (or ``prepare_audio``'s), one per
+        ``<|audio_pad|>`` run of the prompt, in order; a single placeholder per clip is
+        expanded to the clip's encoder outputs (``transcription_prompt`` writes such
+        prompts)."""
         params = SamplingParams(**vars(params)) if params else SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         audio_fields = {}
@@ -306,12 +307,13 @@ class Engine:
             raise RequestError("this model does not take audio", "audio")
         return self.audio.transcription_ids(self.tokenizer, num_clips, language, context)
 
-    def audio_prompt_tokens(self, num_samples: int) -> int:
-        """The prompt tokens one clip of ``num_samples`` (16 kHz) expands to (its encoder
-        outputs), so a server can check a prompt's length before sending it."""
+    def prepare_audio(self, clips: list[np.ndarray]) -> list:
+        """Check clips (mono 16 kHz float32) and compute their features, for ``add_request``'s
+        ``audio``; each knows its prompt tokens (``.features.num_tokens``). Thread-safe:
+        servers call it in worker threads, so the step loop never does this work."""
         if self.audio is None:
             raise RequestError("this model does not take audio", "audio")
-        return self.audio.num_tokens(num_samples)
+        return [self.audio.prepare_clip(c) for c in clips]
 
     def transcribe(self, clips: list, language: str | None = None, context: str | None = None,
                    params: SamplingParams | None = None) -> list[dict]:

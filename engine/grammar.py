@@ -17,6 +17,8 @@ neither torch nor precomputation (a schema compiles in about a millisecond), fil
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -24,18 +26,21 @@ from sgljax.engine.constraint import Constraint
 from sgljax.engine.sampling_params import RequestError
 
 log = logging.getLogger(__name__)
+CACHED_GRAMMARS = 256
 
 
 class GrammarCompiler:
     """Builds matchers against one tokenizer. The tokenizer's conversion takes about a
-    second, so it happens on first use, once per engine (and thread-safe after that:
-    matchers are independent)."""
+    second, so it happens on first use, once per engine; each sequence gets its own copy
+    of its grammar's compiled matcher."""
 
     def __init__(self, hf_tokenizer, vocab_size: int, eos_ids: list[int]):
         self._hf = hf_tokenizer
         self.vocab_size = vocab_size
         self._eos = sorted(eos_ids)
         self._tokenizer = None
+        self._cache: OrderedDict[Constraint, object] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def tokenizer(self):
@@ -46,24 +51,38 @@ class GrammarCompiler:
                                                            eos_token=self._eos or None)
         return self._tokenizer
 
-    def check(self, constraint: Constraint) -> str:
-        """The grammar text, or RequestError naming the field when it does not compile."""
+    def check(self, constraint: Constraint) -> None:
+        """RequestError naming the field when the constraint does not compile. The HTTP
+        adapters call it in their worker threads, so the compiled grammar is ready (and
+        ``matcher`` only copies it) when the request reaches the engine thread."""
+        self._compiled(constraint)
+
+    def matcher(self, constraint: Constraint) -> "GrammarState":
+        return GrammarState(self._compiled(constraint).deep_copy())
+
+    def _compiled(self, constraint: Constraint):
+        """A fresh matcher for ``constraint``, compiled once and kept (the last
+        ``CACHED_GRAMMARS``): n choices and repeated schemas share the compilation."""
         from llguidance import LLMatcher
 
+        with self._lock:  # worker threads and the engine thread share the cache
+            matcher = self._cache.get(constraint)
+            if matcher is not None:
+                self._cache.move_to_end(constraint)
+                return matcher
         try:
             grammar = constraint.grammar()
         except Exception as e:  # noqa: BLE001 (gbnf_to_lark raises bare Exceptions)
             raise RequestError(f"invalid {constraint.kind}: {e}", constraint.param) from None
-        problem = LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if problem:
-            first = problem.strip().splitlines()[0]
+        matcher = LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            first = matcher.get_error().strip().splitlines()[0]
             raise RequestError(f"invalid {constraint.kind}: {first}", constraint.param)
-        return grammar
-
-    def matcher(self, constraint: Constraint) -> "GrammarState":
-        from llguidance import LLMatcher
-
-        return GrammarState(LLMatcher(self.tokenizer, self.check(constraint), log_level=0))
+        with self._lock:
+            self._cache[constraint] = matcher
+            if len(self._cache) > CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
+        return matcher
 
 
 class GrammarState:

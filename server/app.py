@@ -63,7 +63,7 @@ def _limits(engine: Engine) -> Limits:
     info = engine.describe()
     audio = info["audio_token_id"] is not None
     return Limits(engine.limits, engine.generation_defaults, engine.grammars,
-                  engine.audio_prompt_tokens if audio else None, info["audio_token_id"])
+                  engine.prepare_audio if audio else None, info["audio_token_id"])
 
 
 def build_app(engine_args: EngineArgs, server_args: ServerArgs,

@@ -77,11 +77,11 @@ def _prepare(ctx: ServerContext, data: bytes, opts: dict) -> tuple[Prepared, lis
     pieces = split_long_audio(samples, RATE)
     try:
         ids = ctx.transcription_prompt(1, opts["language"], opts["prompt"])
-        clips = [samples[a:b] for a, b in pieces]
+        clips = ctx.limits.prepare_audio([samples[a:b] for a, b in pieces])
         prompts, params = [], []
         for clip in clips:
             expanded = expand_audio_pads(ids, ctx.limits.audio_token_id,
-                                         [ctx.limits.audio_tokens(len(clip))])
+                                         [clip.features.num_tokens])
             left = tokens_left(expanded, ctx.limits.request)
             params.append(SamplingParams(max_tokens=left, temperature=opts["temperature"])
                           .validate(ctx.limits.request, expanded))

@@ -38,9 +38,9 @@ class Limits:
     # leaves out: temperature, top_p, top_k, min_p, repetition_penalty.
     sampling_defaults: dict
     grammars: GrammarCompiler | None = None  # checks constraints compile (the engine's)
-    # Speech models (Qwen3-ASR): chat messages may carry audio; a clip of n samples takes
-    # audio_tokens(n) prompt tokens (Engine.audio_prompt_tokens). None: text only.
-    audio_tokens: Callable[[int], int] | None = None
+    # Speech models (Qwen3-ASR): chat messages may carry audio, checked and featurized by
+    # Engine.prepare_audio (in the worker thread). None: text only.
+    prepare_audio: Callable[[list], list] | None = None
     audio_token_id: int | None = None
 
 
@@ -215,13 +215,14 @@ def prepare_chat(tok: Tokenizer, req: ChatCompletionRequest, limits: Limits,
         requested, param = req.max_completion_tokens, "max_completion_tokens"
     else:
         requested, param = req.max_tokens, "max_tokens"
-    clips = [] if limits.audio_tokens is not None else None
+    clips = [] if limits.prepare_audio is not None else None
     ids = chat_prompt_ids(tok, req, tools.template_tools, clips)
     if clips:  # the placeholders as many as the encoder will give: limits see the real length
         try:
+            clips = limits.prepare_audio(clips)
             ids = expand_audio_pads(ids, limits.audio_token_id,
-                                    [limits.audio_tokens(len(c)) for c in clips])
-        except ValueError as e:
+                                    [c.features.num_tokens for c in clips])
+        except ValueError as e:  # RequestError from the clips, or a placeholder miscount
             raise bad_request(str(e), "messages") from None
     params = _fan_out(req, [ids], requested, limits, req.logprobs, req.top_logprobs or 0,
                       {"max_tokens": param, "prompt": "messages"}, constraint)

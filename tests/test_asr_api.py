@@ -61,7 +61,7 @@ def expected(model):
     outs = []
     for i, s in enumerate(SECONDS):
         clip = synth_audio(s, seed=i)
-        budget = 320 - (len(prompt) - 1 + eng.audio_prompt_tokens(len(clip)))
+        budget = 320 - (len(prompt) - 1 + eng.prepare_audio([clip])[0].features.num_tokens)
         out = eng.generate([prompt], SamplingParams(max_tokens=budget, temperature=0),
                            audio=[[clip]])[0]
         outs.append(out)
