@@ -36,18 +36,21 @@ def test_whole_output(text, content, calls):
     assert len({c.id for c in got_calls}) == len(calls)
 
 
+def _fed_in_two(parser, text: str, cut: int):
+    """(content, calls) of ``text`` fed as two pieces, cut at ``cut``, then finished."""
+    got_content, got_calls = "", []
+    for piece in (text[:cut], text[cut:]):
+        c, closed = parser.feed(piece)
+        got_content += c
+        got_calls += closed
+    rest, more = parser.finish()
+    return got_content + rest, got_calls + more
+
+
 @pytest.mark.parametrize("text,content,calls", CASES)
 def test_split_at_every_position(text, content, calls):
     for cut in range(len(text) + 1):
-        parser = HermesToolParser()
-        got_content, got_calls = "", []
-        for piece in (text[:cut], text[cut:]):
-            c, closed = parser.feed(piece)
-            got_content += c
-            got_calls += closed
-        rest, more = parser.finish()
-        got_content += rest
-        got_calls += more
+        got_content, got_calls = _fed_in_two(HermesToolParser(), text, cut)
         assert (got_content, _calls(got_calls)) == (content, calls), cut
 
 
@@ -78,12 +81,6 @@ def test_llama3_json_at_every_split(text, content, calls):
     assert (lambda c: (c[0], _calls(c[1])))(parse_tool_calls(text, "llama3_json")) == (
         content, calls)
     for cut in range(len(text) + 1):
-        parser = Llama3JsonToolParser()
-        got_content, got_calls = "", []
-        for piece in (text[:cut], text[cut:]):
-            c, closed = parser.feed(piece)
-            got_content += c
-            got_calls += closed
-        rest, more = parser.finish()
-        assert (got_content + rest, _calls(got_calls + more)) == (content, calls), cut
-        assert [c.index for c in got_calls + more] == list(range(len(calls)))
+        got_content, got_calls = _fed_in_two(Llama3JsonToolParser(), text, cut)
+        assert (got_content, _calls(got_calls)) == (content, calls), cut
+        assert [c.index for c in got_calls] == list(range(len(calls)))
