@@ -1,16 +1,28 @@
-"""Attention over a paged KV cache, in pure JAX: every platform runs it.
+"""Ragged paged attention in pure JAX: the reference every platform can run.
+
+A step is a flat batch of T query tokens: any mix of decode tokens and prefill
+chunks. Sequence ``s`` owns tokens ``cu_q_lens[s] : cu_q_lens[s + 1]``, which are
+the last ``q_len`` of its ``kv_lens[s]`` cached tokens (this step's K/V already
+written), so query ``j`` of sequence ``s`` sits at position
+``kv_lens[s] - q_len + j`` and sees the keys up to it (causal), or only the last
+``sliding_window`` of them. Sequences ``num_seqs`` and up are padding: their
+ranges are empty, and tokens past ``cu_q_lens[num_seqs]`` are padding whose
+output is zero.
 
 The cache of one layer is an array of pages, ``(num_pages, kv_heads, page_size,
-head_dim)``: head-major inside a page, so a gathered page is already laid out
-as the dots want it (each head's keys contiguous). Token ``t`` of a sequence
-lives in page ``page_table[t // page_size]`` at offset ``t % page_size``.
+head_dim)``: head-major inside a page, so a gathered page is already laid out as
+the dots want it. Token ``t`` of a sequence lives in page
+``page_table[s, t // page_size]`` at offset ``t % page_size``.
 
-``paged_attention`` walks the page table a block of pages at a time with an
-online softmax, and stops after the block holding the longest sequence's last
-token. So the page table can be padded to the context length at no cost (one
-shape for every length, few compiles), and each block's gathered keys and
-values are small enough to stay in cache while they are used.
-``paged_attention_reference`` is the one-shot version it is tested against.
+Every backend takes this contract (``--attention-backend``): this file's
+``ragged_paged_attention`` (native), the Pallas TPU kernel
+(kernels/pallas_attention.py) and the C++ CPU kernels (kernels/cpu_*.py).
+Here each query token walks its own sequence's pages a block at a time with an
+online softmax and stops after the block holding the last position any token of
+the step sees: the page table is padded to the context length at no cost (one
+shape serves every length). Gathering per token is simple and exact; the
+kernels read each page once per sequence instead.
+``ragged_attention_reference`` is the one-shot version the others are tested against.
 """
 
 from __future__ import annotations
@@ -18,13 +30,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MASK_VALUE = -1e30  # finite, so padded rows with nothing to attend to stay NaN-free
+MASK_VALUE = -1e30  # finite, so rows with nothing to attend to stay NaN-free
 BLOCK_PAGES = 8  # pages per block: 128 tokens at page size 16, the fastest of 2-40 measured on CPU
-QUERY_TILE = 128  # queries per tile in long prefill chunks
 
 
 def gather_pages(cache: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Array:
-    """cache (L, num_pages, KV, page_size, D), pages (S, B) → (S, B, KV, page_size, D).
+    """cache (L, num_pages, KV, page_size, D), pages (N, B) → (N, B, KV, page_size, D).
 
     Whole pages are gathered (one index per page, not per token), and indexing
     layer and page in one gather keeps XLA from copying the layer.
@@ -32,122 +43,130 @@ def gather_pages(cache: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Ar
     return cache[layer, pages]
 
 
-def visible_mask(key_pos: jax.Array, positions: jax.Array, kv_lens: jax.Array) -> jax.Array:
-    """(S, Q, T) mask: causal within the sequence and inside its written tokens."""
-    return ((key_pos[None, None, :] <= positions[:, :, None])
-            & (key_pos[None, None, :] < kv_lens[:, None, None]))
-
-
-def paged_attention(
-    q: jax.Array,  # (S, Q, H, D) queries, already rotated
-    k_cache: jax.Array,  # (L, num_pages, KV, page_size, D) keys, this step's already written
-    v_cache: jax.Array,  # (L, num_pages, KV, page_size, D)
-    layer: jax.Array,  # () which layer
-    page_table: jax.Array,  # (S, P) page ids owned by each sequence
-    positions: jax.Array,  # (S, Q) absolute position of each query token
-    kv_lens: jax.Array,  # (S,) tokens in the cache for each sequence
-    block_pages: int = BLOCK_PAGES,
-    query_tile: int = QUERY_TILE,
-    bf16_products: bool = False,
-) -> jax.Array:
-    """Long prefill chunks go a tile of queries at a time: each tile stops at the block
-    holding its own last position, so a chunk skips the blocks causality hides from its
-    early queries (half the work of a fresh prompt).
-
-    ``bf16_products`` rounds q, k, v and the probabilities to bfloat16 and keeps every
-    sum in float32: a float32 computation of what a TPU does with a bfloat16 model,
-    and the CPU kernels' numerics for bfloat16 models (kernels/cpu_amx_attention.py)."""
-    qn = q.shape[1]
-    attend = lambda q, positions: _attend(  # noqa: E731
-        q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pages, bf16_products)
-    if qn <= query_tile:
-        return attend(q, positions)
-    tiles = [attend(q[:, i:i + query_tile], positions[:, i:i + query_tile])
-             for i in range(0, qn, query_tile)]
-    return jnp.concatenate(tiles, axis=1)
-
-
 def round_bf16(x: jax.Array) -> jax.Array:
     """x rounded to bfloat16 and widened back to float32."""
     return x.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def _attend(q, k_cache, v_cache, layer, page_table, positions, kv_lens, block_pages,
-            bf16_products):
-    s, qn, h, d = q.shape
+def token_layout(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, num_tokens: int):
+    """Per query token of a ragged step: (its sequence (T,), its position (T,), real (T,) bool)."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)
+    seq = jnp.minimum(seq, kv_lens.shape[0] - 1)
+    real = t < cu_q_lens[num_seqs]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    pos = kv_lens[seq] - q_len + (t - cu_q_lens[seq])
+    return seq, jnp.where(real, pos, 0), real
+
+
+def visible(key_pos: jax.Array, pos: jax.Array, real: jax.Array,
+            sliding_window: int | None) -> jax.Array:
+    """(T, K) mask: key positions each query token sees."""
+    seen = (key_pos[None, :] <= pos[:, None]) & real[:, None]
+    if sliding_window is not None:
+        seen &= key_pos[None, :] > pos[:, None] - sliding_window
+    return seen
+
+
+def ragged_paged_attention(
+    q: jax.Array,  # (T, H, D) queries, already rotated
+    k_cache: jax.Array,  # (L, num_pages, KV, page_size, D) keys, this step's already written
+    v_cache: jax.Array,  # (L, num_pages, KV, page_size, D)
+    layer: jax.Array,  # () which layer
+    page_table: jax.Array,  # (S, P) page ids owned by each sequence
+    cu_q_lens: jax.Array,  # (S + 1,) where each sequence's query tokens start in q
+    kv_lens: jax.Array,  # (S,) tokens in the cache for each sequence, this step's included
+    num_seqs: jax.Array,  # () sequences in use; the rest are padding
+    *,
+    sliding_window: int | None = None,
+    block_pages: int = BLOCK_PAGES,
+    bf16_products: bool = False,
+) -> jax.Array:
+    """(T, H, D) attention output in q's dtype; padding tokens give zeros.
+
+    ``bf16_products`` rounds q, k, v and the probabilities to bfloat16 and keeps every
+    sum in float32: a float32 computation of what a TPU does with a bfloat16 model,
+    and the CPU kernels' numerics for bfloat16 models."""
+    T, H, D = q.shape
     kvh, page_size = k_cache.shape[2], k_cache.shape[3]
-    group = h // kvh
+    group = H // kvh
     block_tokens = block_pages * page_size
-    table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % block_pages)))
-    # Keys past a query's position are hidden from it: stop after the last one seen.
-    seen = jnp.minimum(kv_lens, jnp.max(positions, axis=1) + 1)
-    num_blocks = (jnp.max(seen) + block_tokens - 1) // block_tokens
+    seq, pos, real = token_layout(cu_q_lens, kv_lens, num_seqs, T)
+    table = page_table[seq]  # (T, P): each token walks its own sequence's pages
+    table = jnp.pad(table, ((0, 0), (0, -table.shape[1] % block_pages)))
+    num_blocks = (jnp.max(jnp.where(real, pos, -1)) + block_tokens) // block_tokens
+    first_block = 0
+    if sliding_window is not None:
+        lowest = jnp.min(jnp.where(real, pos - sliding_window + 1, jnp.iinfo(jnp.int32).max))
+        first_block = jnp.minimum(jnp.maximum(lowest, 0) // block_tokens, num_blocks)
     if bf16_products:
         q = round_bf16(q)
-    qg = (q * (1.0 / jnp.sqrt(jnp.float32(d))).astype(q.dtype)).reshape(s, qn, kvh, group, d)
+    qg = (q * (1.0 / jnp.sqrt(jnp.float32(D))).astype(q.dtype)).reshape(T, kvh, group, D)
 
     def block(b, carry):
         running_max, denom, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(table, b * block_pages, block_pages, axis=1)
-        k = gather_pages(k_cache, layer, pages)  # (S, B, KV, page_size, D)
+        k = gather_pages(k_cache, layer, pages)  # (T, B, KV, page_size, D)
         v = gather_pages(v_cache, layer, pages)
         if bf16_products:
             k, v = round_bf16(k), round_bf16(v)
-        scores = jnp.einsum("sqkgd,sbktd->skgqbt", qg, k, preferred_element_type=jnp.float32)
-        scores = scores.reshape(s, kvh, group, qn, block_tokens)
-        visible = visible_mask(b * block_tokens + jnp.arange(block_tokens), positions, kv_lens)
-        scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+        scores = jnp.einsum("tkgd,tbkpd->tkgbp", qg, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(T, kvh, group, block_tokens)
+        seen = visible(b * block_tokens + jnp.arange(block_tokens), pos, real, sliding_window)
+        scores = jnp.where(seen[:, None, None], scores, MASK_VALUE)
         new_max = jnp.maximum(running_max, scores.max(-1))
         probs = jnp.exp(scores - new_max[..., None])
         rescale = jnp.exp(running_max - new_max)
         denom = denom * rescale + probs.sum(-1)
-        probs = probs.reshape(s, kvh, group, qn, block_pages, page_size)
+        probs = probs.reshape(T, kvh, group, block_pages, page_size)
         probs = (round_bf16(probs) if bf16_products  # a 16-bit cache under f32 queries: f32
                  else probs.astype(jnp.promote_types(v.dtype, q.dtype)))
         acc = acc * rescale[..., None] + jnp.einsum(
-            "skgqbt,sbktd->skgqd", probs, v, preferred_element_type=jnp.float32)
+            "tkgbp,tbkpd->tkgd", probs, v, preferred_element_type=jnp.float32)
         return new_max, denom, acc
 
-    init = (jnp.full((s, kvh, group, qn), MASK_VALUE, jnp.float32),
-            jnp.zeros((s, kvh, group, qn), jnp.float32),
-            jnp.zeros((s, kvh, group, qn, d), jnp.float32))
-    _, denom, acc = jax.lax.fori_loop(0, num_blocks, block, init)
-    out = acc / denom[..., None]  # every query sees at least itself, so denom > 0
-    return out.transpose(0, 3, 1, 2, 4).reshape(s, qn, h, d).astype(q.dtype)
+    init = (jnp.full((T, kvh, group), MASK_VALUE, jnp.float32),
+            jnp.zeros((T, kvh, group), jnp.float32),
+            jnp.zeros((T, kvh, group, D), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(first_block, num_blocks, block, init)
+    out = acc / jnp.maximum(denom, 1e-30)[..., None]  # a real token sees itself: denom > 0
+    out = jnp.where(real[:, None, None, None], out, 0.0)
+    return out.reshape(T, H, D).astype(q.dtype)
 
 
-def paged_attention_reference(q, k_cache, v_cache, layer, page_table, positions,
-                              kv_lens) -> jax.Array:
-    """All pages at once: gather (S, P * page_size) keys, one softmax."""
-    s, qn, h, d = q.shape
+def ragged_attention_reference(q, k_cache, v_cache, layer, page_table, cu_q_lens, kv_lens,
+                               num_seqs, *, sliding_window: int | None = None) -> jax.Array:
+    """All of each token's sequence pages at once: gather (T, P * page_size) keys, one softmax."""
+    T, H, D = q.shape
     kvh, page_size = k_cache.shape[2], k_cache.shape[3]
-    group = h // kvh
+    group = H // kvh
+    seq, pos, real = token_layout(cu_q_lens, kv_lens, num_seqs, T)
     tokens = page_table.shape[1] * page_size
 
-    def dense(cache):  # (S, P, KV, page_size, D) → (S, KV, T, D)
-        return gather_pages(cache, layer, page_table).transpose(0, 2, 1, 3, 4).reshape(
-            s, kvh, tokens, d)
+    def dense(cache):  # (T, P, KV, page_size, D) → (T, KV, K, D)
+        return gather_pages(cache, layer, page_table[seq]).transpose(0, 2, 1, 3, 4).reshape(
+            T, kvh, tokens, D)
 
     k, v = dense(k_cache), dense(v_cache)
-    qg = q.reshape(s, qn, kvh, group, d)
-    scores = jnp.einsum("sqkgd,sktd->skgqt", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / jnp.sqrt(jnp.float32(d)))
-    visible = visible_mask(jnp.arange(tokens), positions, kv_lens)
-    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+    qg = q.reshape(T, kvh, group, D)
+    scores = jnp.einsum("tkgd,tkpd->tkgp", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(D)))
+    seen = visible(jnp.arange(tokens), pos, real, sliding_window)
+    scores = jnp.where(seen[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(jnp.promote_types(v.dtype, q.dtype))
-    out = jnp.einsum("skgqt,sktd->sqkgd", probs, v).astype(q.dtype)
-    return out.reshape(s, qn, h, d)
+    out = jnp.einsum("tkgp,tkpd->tkgd", probs, v).astype(jnp.float32)
+    out = jnp.where(real[:, None, None, None], out, 0.0)
+    return out.reshape(T, H, D).astype(q.dtype)
 
 
 def write_kv(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, slots: jax.Array,
              k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Scatter new keys/values (S, Q, KV, D) into slots (S, Q) of ``layer``.
+    """Scatter new keys/values (T, KV, D) into slots (T,) of ``layer``.
 
-    Slot ``page * page_size + offset`` is the token's place in the pool."""
+    Slot ``page * page_size + offset`` is the token's place in the pool; padding
+    tokens write into page 0, which no sequence owns."""
     page_size = k_cache.shape[3]
-    flat = slots.reshape(-1)
-    page, offset = flat // page_size, flat % page_size
-    kv_shape = (flat.shape[0],) + k_new.shape[2:]  # (N, KV, D): advanced indices come first
-    k_cache = k_cache.at[layer, page, :, offset].set(k_new.reshape(kv_shape).astype(k_cache.dtype))
-    v_cache = v_cache.at[layer, page, :, offset].set(v_new.reshape(kv_shape).astype(v_cache.dtype))
+    page, offset = slots // page_size, slots % page_size
+    k_cache = k_cache.at[layer, page, :, offset].set(k_new.astype(k_cache.dtype))
+    v_cache = v_cache.at[layer, page, :, offset].set(v_new.astype(v_cache.dtype))
     return k_cache, v_cache
