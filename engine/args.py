@@ -10,7 +10,8 @@ import psutil
 DTYPES = ("float32", "bfloat16")  # engine/loader.py's DTYPES
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULE_POLICIES = ("fcfs", "lpm")  # engine/scheduler.py
-DEVICES = ("auto", "cpu", "tpu", "gpu", "proxy")
+DEVICES = ("auto", "cpu", "tpu", "cuda", "gpu", "proxy")  # cuda: sglang-jax's name for gpu
+ATTENTION_BACKENDS = ("auto", "native", "pallas", "cpu")  # engine/attention_backend.py
 CONTROLLERS = ("multi", "pathways")
 MOE_BACKENDS = ("dense", "grouped")  # engine/moe.py's MOE_BACKENDS
 POSITIVE_INTS = ("tp_size", "ep_size", "page_size", "max_running_requests", "chunked_prefill_size",
@@ -68,13 +69,14 @@ class EngineArgs:
         "--tp-size devices each (ep × tp devices in all); must divide the experts.")
     page_size: int = _flag(16, "Tokens per KV page.")
     max_running_requests: int = _flag(64, "Sequences decoded together at most.")
-    chunked_prefill_size: int = _flag(512, "Token budget of one prefill step.",
-                                      "--chunked-prefill-size", "--max-prefill-tokens")
-    max_prefill_seqs: int = _flag(8, "Sequences one prefill step holds at most.")
+    chunked_prefill_size: int = _flag(
+        512, "Token budget of one step: every running decode, then prompt chunks.",
+        "--chunked-prefill-size", "--max-prefill-tokens")
+    max_prefill_seqs: int = _flag(8, "Prompt chunks one step holds at most.")
     new_seqs_per_prefill: int | None = _flag(
-        None, "New prompts one prefill step takes (default 1 on CPU, where a prefill step is "
-        "long next to a decode step, else up to --max-prefill-seqs). More admit a burst "
-        "sooner; fewer stall decodes less and keep requests out of lockstep.")
+        None, "New prompts one step takes (default 1 on CPU, where a prompt chunk is long "
+        "next to a decode token, else up to --max-prefill-seqs). More admit a burst "
+        "sooner; fewer keep steps short and requests out of lockstep.")
     context_length: int | None = _flag(
         4096, "Longest sequence in tokens (capped at the model's; unset: the model's).")
     max_total_tokens: int | None = _flag(
@@ -88,6 +90,10 @@ class EngineArgs:
     schedule_policy: str = _flag("fcfs", "fcfs (first come, first served) or lpm (longest "
                                  "cached prefix first).")
     random_seed: int | None = _flag(None, "Seed of the sampling of requests that set none.")
+    attention_backend: str = _flag(
+        "auto", "native (pure JAX, any platform), pallas (the TPU kernels; interpreted, slow "
+        "but exact, on a CPU) or cpu (C++ kernels, one CPU device). auto: pallas on TPU, "
+        "cpu on one CPU device, else native.")
     moe_backend: str = _flag(
         "grouped", "How MoE layers run their experts: grouped (each token's top-k experts "
         "only, assignments sorted by expert into grouped matmuls; no token dropped) or dense "
@@ -122,9 +128,9 @@ class EngineArgs:
         "~/.cache/sgljax/jax-cache).")
     # Backend. device "proxy" == controller "pathways": one controller drives the whole
     # slice through a Pathways IFRT proxy (engine/pathways.py).
-    device: str = _flag("auto", "auto, cpu, tpu, gpu, or proxy (Pathways: one controller "
-                        "drives the whole slice through an IFRT proxy; same as --controller "
-                        "pathways).")
+    device: str = _flag("auto", "auto, cpu, tpu, cuda (or gpu), or proxy (Pathways: one "
+                        "controller drives the whole slice through an IFRT proxy; same as "
+                        "--controller pathways).")
     controller: str = _flag("multi", "multi (one process per host) or pathways (same as "
                             "--device proxy).")
     pathways_proxy_addr: str | None = _flag(
@@ -140,6 +146,7 @@ class EngineArgs:
         _one_of("device", self.device, DEVICES)
         _one_of("controller", self.controller, CONTROLLERS)
         _one_of("moe_backend", self.moe_backend, MOE_BACKENDS)
+        _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         for name in POSITIVE_INTS:
             value = getattr(self, name)
             if value is not None and value < 1:

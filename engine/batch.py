@@ -19,11 +19,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class ScheduledBatch:
-    """The scheduler's decision for one step: which sequences, with how many tokens."""
+    """The scheduler's decision for one step: which sequences, with how many tokens.
+
+    One ragged step: every running decode (one token each) first, then prompt chunks."""
 
     seqs: list["Sequence"]
     chunk_lens: list[int]  # tokens computed for each sequence in this step
-    is_prefill: bool
+    num_decodes: int = 0  # the first rows: running decodes, one token each
     # Per row, set when the step is launched: does it sample the sequence's next token
     # (False for a prompt chunk that does not reach the end of the prompt)?
     samples: list[bool] = field(default_factory=list)
@@ -36,21 +38,33 @@ class ScheduledBatch:
 @jax.tree_util.register_dataclass
 @dataclass
 class StepBatch:
-    tokens: jax.Array  # (S, Q) int32 input token ids, padding 0
-    positions: jax.Array  # (S, Q) int32 absolute positions
-    slots: jax.Array  # (S, Q) int32 cache slot each token's K/V is written to (padding → page 0)
+    """A ragged step: T query tokens, flat, of S sequences (kernels/paged_attention.py).
+
+    Sequence ``s`` owns tokens ``cu_q_lens[s]:cu_q_lens[s + 1]``; rows past ``num_seqs``
+    and tokens past ``cu_q_lens[num_seqs]`` are padding."""
+
+    tokens: jax.Array  # (T,) int32 input token ids, padding 0
+    positions: jax.Array  # (T,) int32 absolute positions
+    slots: jax.Array  # (T,) int32 cache slot each token's K/V is written to (padding → page 0)
     page_table: jax.Array  # (S, P) int32 pages owned by each sequence (padding → page 0)
-    kv_lens: jax.Array  # (S,) int32 cached tokens per sequence after this step
-    last_index: jax.Array  # (S,) int32 index in Q of the token to sample from
-    # (S,) int32: the row of the previous step whose sampled token is this row's first input
-    # token (the overlap schedule packs a step before the host knows that token), or -1.
+    cu_q_lens: jax.Array  # (S + 1,) int32 where each sequence's tokens start
+    kv_lens: jax.Array  # (S,) int32 cached tokens per sequence after this step (padding 0)
+    num_seqs: jax.Array  # () int32 sequences in use
+    last_index: jax.Array  # (S,) int32 index in T of the token each sequence samples from
+    # (S,) int32: the row of the previous step whose sampled token is this sequence's first
+    # input token (the overlap schedule packs a step before the host knows that token), or -1.
     prev_rows: jax.Array
-    # Embedding override (prefill steps of audio prompts only; None otherwise, which keeps
-    # text-only steps as they were): (S * Q, D) float32 rows that replace the token
-    # embedding where ``embed_mask`` (S * Q,) bool is set (Qwen3-ASR's <|audio_pad|>
+    # Embedding override (steps with audio prompts only; None otherwise, which keeps
+    # text-only steps as they were): (T, D) float32 rows that replace the token
+    # embedding where ``embed_mask`` (T,) bool is set (Qwen3-ASR's <|audio_pad|>
     # positions take the audio encoder's outputs). Part of the step's bucket key.
     embeds: jax.Array | None = None
     embed_mask: jax.Array | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The step's bucket: (tokens, sequences)."""
+        return self.tokens.shape[0], self.page_table.shape[0]
 
 
 @jax.tree_util.register_dataclass

@@ -1,11 +1,16 @@
 """Shape buckets: every device step is padded to one of a few shapes.
 
-A step's shape is (sequences S, query tokens Q, pages per sequence P). Decode
-steps have Q = 1; prefill steps have Q from the token paddings. P is always
-the context length's page count: attention stops at the longest sequence's
-last page (kernels/paged_attention.py), so a longer table costs nothing and
-one P serves every length. Warmup compiles every bucket, so a running server
-never meets a new shape.
+A ragged step's shape is (tokens T, sequences S, pages per sequence P). T comes
+from the token buckets: the decode batch sizes (a step of n decodes has n
+tokens) and the prefill token paddings up to the chunked-prefill budget. S is a
+function of T (``seqs_for``): T itself while T is a decode batch size, the
+largest decode batch above that, so every T has one shape and a step with more
+tokens than sequences never needs a second one. Rows of padding sequences cost
+an LM-head row each and nothing in attention (the kernels stop at
+``num_seqs``). P is always the context length's page count: attention stops at
+each sequence's last page (kernels/paged_attention.py), so a longer table costs
+nothing and one P serves every length. Warmup compiles every bucket, so a
+running server never meets a new shape.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
     return sorted(set(out))
 
 
-def pick(buckets: list[int], n: int) -> int:
+def pick(buckets: list[int] | tuple[int, ...], n: int) -> int:
     i = bisect.bisect_left(buckets, n)
     if i == len(buckets):
         raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
@@ -36,77 +41,65 @@ def pick(buckets: list[int], n: int) -> int:
 
 @dataclass(frozen=True)
 class BucketPlan:
-    decode_batch: tuple[int, ...]  # S for decode steps
-    prefill_batch: tuple[int, ...]  # S for prefill steps
-    prefill_tokens: tuple[int, ...]  # Q for prefill steps
+    token_buckets: tuple[int, ...]  # T: tokens in one step
+    seq_buckets: tuple[int, ...]  # S: the decode batch sizes
     pages: int  # P: pages per sequence in every step's page table
     page_size: int = 16
 
     @classmethod
-    def plan(cls, *, max_running: int, max_prefill_seqs: int, chunked_prefill_size: int,
-             max_pages_per_seq: int, page_size: int, bs_paddings: list[int] | None = None,
+    def plan(cls, *, max_running: int, chunked_prefill_size: int, max_pages_per_seq: int,
+             page_size: int, bs_paddings: list[int] | None = None,
              token_paddings: list[int] | None = None) -> "BucketPlan":
-        decode = sorted(set(bs_paddings)) if bs_paddings else powers_of_two(1, max_running)
-        if decode[-1] < max_running:
+        seqs = sorted(set(bs_paddings)) if bs_paddings else powers_of_two(1, max_running)
+        if seqs[-1] < max_running:
             raise ValueError(f"--precompile-bs-paddings must reach --max-running-requests "
-                             f"({max_running}); the largest is {decode[-1]}")
-        tokens = (sorted(set(token_paddings)) if token_paddings
-                  else powers_of_two(min(32, chunked_prefill_size), chunked_prefill_size))
-        return cls(
-            decode_batch=tuple(decode),
-            prefill_batch=tuple(powers_of_two(1, max_prefill_seqs)),
-            prefill_tokens=tuple(tokens),
-            pages=max_pages_per_seq,
-            page_size=page_size,
-        )
+                             f"({max_running}); the largest is {seqs[-1]}")
+        prefill = (sorted(set(token_paddings)) if token_paddings
+                   else powers_of_two(min(32, chunked_prefill_size), chunked_prefill_size))
+        return cls(token_buckets=tuple(sorted(set(seqs) | set(prefill))),
+                   seq_buckets=tuple(seqs), pages=max_pages_per_seq, page_size=page_size)
 
     @property
-    def prefill_area(self) -> int:
-        """Largest S x Q of a prefill step: the chunked-prefill token budget."""
-        return max(self.prefill_tokens)
+    def max_tokens(self) -> int:
+        """The most tokens one step holds."""
+        return self.token_buckets[-1]
 
-    def prefill_fits(self, num_seqs: int, max_chunk: int) -> bool:
-        if num_seqs > max(self.prefill_batch) or max_chunk > max(self.prefill_tokens):
-            return False
-        S, Q = pick(list(self.prefill_batch), num_seqs), pick(list(self.prefill_tokens), max_chunk)
-        return S * Q <= self.prefill_area
+    @property
+    def max_seqs(self) -> int:
+        return self.seq_buckets[-1]
 
-    def shape_for(self, is_prefill: bool, num_seqs: int, max_tokens: int, max_pages: int):
+    def seqs_for(self, T: int) -> int:
+        """The sequence rows of a step of T tokens."""
+        return pick(self.seq_buckets, min(T, self.max_seqs))
+
+    def shape_for(self, num_tokens: int, num_seqs: int, max_pages: int) -> tuple[int, int, int]:
         if max_pages > self.pages:
             raise ValueError(f"{max_pages} pages exceed the context's {self.pages}")
-        if is_prefill:
-            return (pick(list(self.prefill_batch), num_seqs),
-                    pick(list(self.prefill_tokens), max_tokens), self.pages)
-        return pick(list(self.decode_batch), num_seqs), 1, self.pages
+        if num_seqs > self.max_seqs:
+            raise ValueError(f"{num_seqs} sequences exceed the largest bucket {self.max_seqs}")
+        T = pick(self.token_buckets, max(num_tokens, num_seqs))
+        return T, self.seqs_for(T), self.pages
 
-    def all_shapes(self) -> list[tuple[bool, int, int, int]]:
-        shapes = [(False, s, 1, self.pages) for s in self.decode_batch]
-        shapes += [(True, s, q, self.pages) for s in self.prefill_batch
-                   for q in self.prefill_tokens if s * q <= self.prefill_area]
-        return shapes
+    def all_shapes(self) -> list[tuple[int, int, int]]:
+        return [(T, self.seqs_for(T), self.pages) for T in self.token_buckets]
 
     def describe(self) -> str:
-        return (f"decode batch {list(self.decode_batch)}, prefill batch "
-                f"{list(self.prefill_batch)} x tokens {list(self.prefill_tokens)}, "
-                f"{self.pages} pages/seq; {len(self.all_shapes())} shapes")
+        return (f"tokens {list(self.token_buckets)} (sequences "
+                f"{[self.seqs_for(T) for T in self.token_buckets]}), {self.pages} pages/seq; "
+                f"{len(self.all_shapes())} shapes")
 
 
 def new_seqs_per_prefill(args: "EngineArgs", on_cpu: bool) -> int:
-    """New prompts one prefill step takes: ``--new-seqs-per-prefill``, else 1 on CPU
-    (where a prefill step is long next to a decode step), else ``--max-prefill-seqs``."""
+    """New prompts one step takes: ``--new-seqs-per-prefill``, else 1 on CPU (where a
+    prompt chunk is long next to a decode token), else ``--max-prefill-seqs``."""
     return args.new_seqs_per_prefill or (1 if on_cpu else args.max_prefill_seqs)
 
 
-def plan_buckets(args: "EngineArgs", context_length: int, on_cpu: bool) -> BucketPlan:
+def plan_buckets(args: "EngineArgs", context_length: int) -> BucketPlan:
     """The buckets an engine with these settings compiles; ``context_length`` is the
     engine's (``--context-length`` capped at the model's). Pure: ``warmup`` and
     ``serve`` plan the same shapes from the same settings."""
-    # A prefill step holds its new prompts and at most one part-way through its chunks.
-    new_per_prefill = new_seqs_per_prefill(args, on_cpu)
     return BucketPlan.plan(
-        max_running=args.max_running_requests,
-        max_prefill_seqs=min(args.max_prefill_seqs, new_per_prefill + 1),
-        chunked_prefill_size=args.chunked_prefill_size,
-        max_pages_per_seq=-(-context_length // args.page_size),
-        page_size=args.page_size, bs_paddings=args.precompile_bs_paddings,
-        token_paddings=args.precompile_token_paddings)
+        max_running=args.max_running_requests, chunked_prefill_size=args.chunked_prefill_size,
+        max_pages_per_seq=-(-context_length // args.page_size), page_size=args.page_size,
+        bs_paddings=args.precompile_bs_paddings, token_paddings=args.precompile_token_paddings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -43,6 +44,20 @@ from sgljax.engine.scheduler import Scheduler, SchedulerConfig
 from sgljax.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+STEP_LOG = 256  # steps the engine remembers (step_log)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One launched step: its rows (request ids, tokens each), how many of them were
+    decodes, which running requests were decoding when it was chosen, and its bucket."""
+    rids: tuple[str, ...]
+    chunk_lens: tuple[int, ...]
+    num_decodes: int
+    decoding: tuple[str, ...]
+    shape: tuple
 
 
 @dataclass
@@ -102,15 +117,15 @@ class Engine:
         self.prefix_cache = (NoPrefixCache() if args.disable_radix_cache
                              else RadixPrefixCache(self.pool, ps))
         new_per_prefill = new_seqs_per_prefill(args, on_cpu)
-        self.plan = plan_buckets(args, self.context_length, on_cpu)
+        self.plan = plan_buckets(args, self.context_length)
         self.scheduler = Scheduler(SchedulerConfig(
             page_size=ps, max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
-            schedule_policy=args.schedule_policy,
-            new_seqs_per_prefill=new_per_prefill), self.pool, self.prefix_cache, self.plan)
+            schedule_policy=args.schedule_policy, new_seqs_per_prefill=new_per_prefill,
+            max_prefill_seqs=args.max_prefill_seqs), self.pool, self.prefix_cache, self.plan)
         self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan, act_dtype, executable_cache=(
             ExecutableCache(cache_dir, self.mesh) if cache_dir is not None else None),
-            moe_backend=args.moe_backend)
+            moe_backend=args.moe_backend, attention_backend=args.attention_backend)
         self._leader = self._follower = None
         if args.nnodes > 1:
             addr = channel_address(args.dist_init_addr)
@@ -122,6 +137,8 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._in_flight: InFlight | None = None  # the launched step not yet landed
         self.clock = StepClock()  # how long steps run: the server waits to choose the next
+        # The last steps launched, oldest first (``step_log``): what each held.
+        self._step_log: deque[StepRecord] = deque(maxlen=STEP_LOG)
         self._rng = random.Random(args.random_seed)
         log.info("KV pool: %d pages of %d tokens; buckets: %s", kv_spec.num_pages, ps,
                  self.plan.describe())
@@ -250,8 +267,16 @@ class Engine:
 
     def _launch(self, sched: ScheduledBatch) -> InFlight:
         launched = self.runner.launch(sched)
+        self._step_log.append(StepRecord(
+            tuple(s.rid for s in sched.seqs), tuple(sched.chunk_lens), sched.num_decodes,
+            tuple(s.rid for s in self.scheduler.running
+                  if not s.is_prefilling and not s.length_done), launched.shape))
         self.scheduler.launched(sched)
         return InFlight(sched, launched)
+
+    def step_log(self) -> list[StepRecord]:
+        """The last ``STEP_LOG`` steps launched, oldest first."""
+        return list(self._step_log)
 
     def _land(self, in_flight: InFlight) -> list[RequestOutput]:
         out = self.runner.fetch(in_flight.launched)
@@ -334,15 +359,15 @@ class Engine:
         """Compile (or load from the persistent cache) every bucket shape; returns how many.
 
         ``progress(done, total, shape)`` is called after each one. ASR models also compile
-        each prefill bucket's form with audio embeddings and every audio encoder bucket.
+        each bucket's form with audio embeddings and every audio encoder bucket.
         """
-        shapes = [(S, Q, P, False) for _, S, Q, P in self.plan.all_shapes()]
+        shapes = [(T, S, P, False) for T, S, P in self.plan.all_shapes()]
         if self.audio is not None:
-            shapes += [(S, Q, P, True) for prefill, S, Q, P in self.plan.all_shapes() if prefill]
-        for n, (S, Q, P, embeds) in enumerate(shapes):
-            self.runner.warmup_shape(S, Q, P, embeds)
+            shapes += [(T, S, P, True) for T, S, P in self.plan.all_shapes()]
+        for n, (T, S, P, embeds) in enumerate(shapes):
+            self.runner.warmup_shape(T, S, P, embeds)
             if progress:
-                progress(n + 1, len(shapes), (S, Q, P))
+                progress(n + 1, len(shapes), (T, S, P))
         encoder = self._warm_encoder(self.args.precompile_frame_paddings)
         if self.args.asr_warmup:
             self.asr_warmup_figures = self.warmup_asr(self.args.precompile_frame_paddings,
@@ -358,8 +383,8 @@ class Engine:
 
         ``frame_paddings``: clip lengths in mel frames (100 a second) to expect; each
         compiles the encoder bucket its windows fall in (default: every bucket).
-        ``token_paddings``: prefill token buckets whose audio-embedding form to compile
-        (default: every one of the plan's). Then one clip of each length is transcribed
+        ``token_paddings``: token buckets whose audio-embedding form to compile (default:
+        every one of the plan's). Then one clip of each length is transcribed
         (one token) to run the whole path; ``unwarmed`` counts what that still compiled.
         """
         if self.audio is None:
@@ -368,10 +393,10 @@ class Engine:
         enc = self.audio.runner
         frames = sorted(frame_paddings or [b * enc.window_frames for b in enc.buckets])
         buckets = [b for b, _ in self._warm_encoder(frames)]
-        Qs = set(token_paddings or self.plan.prefill_tokens)
-        shapes = [(S, Q, P) for prefill, S, Q, P in self.plan.all_shapes() if prefill and Q in Qs]
-        for S, Q, P in shapes:
-            self.runner.warmup_shape(S, Q, P, embeds=True)
+        Ts = set(token_paddings or self.plan.token_buckets)
+        shapes = [(T, S, P) for T, S, P in self.plan.all_shapes() if T in Ts]
+        for T, S, P in shapes:
+            self.runner.warmup_shape(T, S, P, embeds=True)
         before = self.compile_stats.compiles + enc.unwarmed_shapes
         rng = np.random.default_rng(0)
         clips = [(0.1 * rng.standard_normal(f * 160)).astype(np.float32) for f in frames]

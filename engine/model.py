@@ -31,7 +31,7 @@ from sgljax.engine.layers import apply_rope, rms_norm, rms_norm_features, rope_c
 from sgljax.engine.moe import EXPERT_SPECS, EXPERT_TENSORS, sparse_mlp
 from sgljax.engine.weights import DENSE_MLP_TENSORS, MOE_TENSORS, SHARED_EXPERT_TENSORS
 from sgljax.engine.weight_forms import LinearKernel, Matmuls, Weights, dense, step_matmuls
-from sgljax.kernels.paged_attention import paged_attention, write_kv
+from sgljax.kernels.paged_attention import ragged_paged_attention, write_kv
 
 
 
@@ -116,29 +116,29 @@ class StepContext(NamedTuple):
     batch: StepBatch
     cos: jax.Array  # RoPE tables for batch.positions
     sin: jax.Array
-    attention: Callable  # paged_attention or a kernel with its signature
+    attention: Callable  # ragged_paged_attention or a kernel with its signature
+    write_kv: Callable  # write_kv or a kernel with its signature
     mm: Matmuls  # w[layer] @ x for the layer's projections
     moe_backend: str = "grouped"  # engine/moe.py: dense | grouped
     experts: Weights | None = None  # every sparse layer's expert weights, whole (engine/moe.py)
 
 
 def embed(top: Weights, tokens: jax.Array, dtype) -> jax.Array:
-    """(S, Q) token ids → feature-major activations (D, S * Q): see engine/layers.py."""
-    return top["embed"][tokens.reshape(tokens.size)].T.astype(dtype)
+    """(T,) token ids → feature-major activations (D, T): see engine/layers.py."""
+    return top["embed"][tokens].T.astype(dtype)
 
 
 def _heads(ctx: StepContext, x: jax.Array, bias: jax.Array | None, count: int) -> jax.Array:
-    """(count * head_dim, N) projection (+ bias) → token-major (S, Q, count, head_dim)."""
+    """(count * head_dim, T) projection (+ bias) → token-major (T, count, head_dim)."""
     if bias is not None:
         x = x + bias[:, None]
-    s, qn = ctx.batch.tokens.shape
-    return x.T.reshape(s, qn, count, ctx.cfg.head_dim)
+    return x.T.reshape(x.shape[1], count, ctx.cfg.head_dim)
 
 
 def attention_block(ctx: StepContext, w: Weights, layer: jax.Array, h: jax.Array,
                     k_cache: jax.Array, v_cache: jax.Array):
-    """h + o_proj(paged attention of this step's q over the cache, after writing its
-    k/v into it). Returns (h, k_cache, v_cache)."""
+    """h + o_proj(ragged paged attention of this step's q over the cache, after writing
+    its k/v into it). Returns (h, k_cache, v_cache)."""
     cfg, batch = ctx.cfg, ctx.batch
     hd, nh, kvh = cfg.head_dim, cfg.num_heads, ctx.kv_heads
     x = rms_norm_features(h, w["input_norm"], cfg.rms_norm_eps)
@@ -152,9 +152,9 @@ def attention_block(ctx: StepContext, w: Weights, layer: jax.Array, h: jax.Array
         q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-    k_cache, v_cache = write_kv(k_cache, v_cache, layer, batch.slots, k, v)
-    attn = ctx.attention(q, k_cache, v_cache, layer, batch.page_table, batch.positions,
-                         batch.kv_lens)
+    k_cache, v_cache = ctx.write_kv(k_cache, v_cache, layer, batch.slots, k, v)
+    attn = ctx.attention(q, k_cache, v_cache, layer, batch.page_table, batch.cu_q_lens,
+                         batch.kv_lens, batch.num_seqs)
     h = h + ctx.mm(w, "o_proj", layer, attn.reshape(h.shape[1], nh * hd).T)
     return h, k_cache, v_cache
 
@@ -235,9 +235,9 @@ def forward(cfg: ModelConfig, kv_heads: int, top: Weights,
             k_cache: jax.Array, v_cache: jax.Array,
             layer_ids: jax.Array | None = None,
             attention_kernel=None, linear_kernel: LinearKernel | None = None,
-            act_dtype=None, moe_backend: str = "grouped",
+            act_dtype=None, moe_backend: str = "grouped", kv_writer=None,
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One step over a padded batch. Returns (last-token logits (S, V), k_cache, v_cache).
+    """One ragged step. Returns (each sequence's last-token logits (S, V), k_cache, v_cache).
 
     embed → every layer (``attention_block``, ``mlp_block``) → final norm of the
     tokens we sample from → LM head.
@@ -252,8 +252,9 @@ def forward(cfg: ModelConfig, kv_heads: int, top: Weights,
     (benchmarks/README.md). Unrolled, ``layer_ids`` (arange(L), passed in as data)
     index the KV cache, so the cache is indexed by data in both forms.
 
-    ``attention_kernel``, when given, replaces ``paged_attention``: the model runner
-    passes the CPU kernel (kernels/cpu_paged_attention.py) where it runs.
+    ``attention_kernel``, when given, replaces ``ragged_paged_attention``, and
+    ``kv_writer`` replaces ``write_kv``: the model runner passes the backend's
+    (``--attention-backend``: engine/attention_backend.py).
     ``linear_kernel``, when given, computes ``w[layer] @ x`` over the stacked weights
     in the steps it takes (``LinearKernel.takes``), reading the layer's slice in
     place so the scan copies no weights: float32 decode steps on AVX-512
@@ -270,17 +271,16 @@ def forward(cfg: ModelConfig, kv_heads: int, top: Weights,
     grouped (engine/moe.py).
     """
     dtype = act_dtype or top["embed"].dtype
-    s, qn = batch.tokens.shape
-    h = embed(top, batch.tokens, dtype)  # (D, N)
+    h = embed(top, batch.tokens, dtype)  # (D, T)
     if batch.embeds is not None:  # audio prompts: encoder outputs at the placeholders
         h = jnp.where(batch.embed_mask[None, :], batch.embeds.T.astype(dtype), h)
     cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
-    layers, mm = step_matmuls(layers, linear_kernel, s, qn)
-    ctx = StepContext(cfg, kv_heads, batch, cos, sin, attention_kernel or paged_attention, mm,
-                      moe_backend)
+    layers, mm = step_matmuls(layers, linear_kernel, batch.tokens.shape[0])
+    ctx = StepContext(cfg, kv_heads, batch, cos, sin, attention_kernel or ragged_paged_attention,
+                      kv_writer or write_kv, mm, moe_backend)
     if layer_ids is None:
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     h, k_cache, v_cache = run_layers(ctx, layers, layer_ids, (h, k_cache, v_cache))
-    last = h[:, jnp.arange(s) * qn + batch.last_index]  # (D, S): only the tokens we sample from
+    last = h[:, batch.last_index]  # (D, S): only the tokens we sample from
     last = rms_norm_features(last, top["final_norm"], cfg.rms_norm_eps)
     return lm_head(cfg, top, last, linear_kernel), k_cache, v_cache

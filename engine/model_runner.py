@@ -2,8 +2,9 @@
 
 The step is one pure function of (weights, K cache, V cache, last sampled
 tokens, StepBatch, SamplingBatch, LogitAdjust, GrammarMask); the caches are donated so XLA
-updates them in place. Every batch is padded to a bucket shape from the
-``BucketPlan``.
+updates them in place. A step is ragged: its decode tokens and prompt chunks lie one
+after another in one flat batch, padded to a (tokens, sequences) bucket from the
+``BucketPlan``; the attention backend (engine/attention_backend.py) takes it as it is.
 
 ``launch`` only dispatches: JAX runs the step asynchronously and ``fetch``
 waits for its sampled tokens. The step keeps its sampled tokens on the device
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sgljax.engine.attention_backend import AttentionKernels, attention_kernels, resolve_backend
 from sgljax.engine.batch import GrammarMask, LogitAdjust, SamplingBatch, ScheduledBatch, StepBatch
 from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.executable_cache import ExecutableCache
@@ -55,17 +57,21 @@ class Launched:
     shape: tuple = ()  # the step's (S, Q) bucket
 
 
-def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, moe_backend, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust, grammar):
-    # Rows whose input token the previous step sampled take it from the device.
+def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust, grammar):
+    # Sequences whose input token the previous step sampled take it from the device: it
+    # is their first token in this step (a decode row's only one).
     fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
-    first = jnp.where(batch.prev_rows >= 0, fed, batch.tokens[:, 0])
-    batch = dataclasses.replace(batch, tokens=batch.tokens.at[:, 0].set(first))
+    first = batch.cu_q_lens[:-1]
+    padded = batch.prev_rows < 0
+    tokens = batch.tokens.at[jnp.where(padded, batch.tokens.shape[0], first)].set(
+        fed, mode="drop")
+    batch = dataclasses.replace(batch, tokens=tokens)
     top, stacked, per_layer, layer_ids = weights
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
-    layers = per_layer if per_layer and batch.tokens.shape == (1, 1) else stacked
+    layers = per_layer if per_layer and batch.tokens.shape == (1,) else stacked
     logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
-                                       layer_ids, attention_kernel, linear_kernel, act_dtype,
-                                       moe_backend)
+                                       layer_ids, kernels.attention, linear_kernel, act_dtype,
+                                       moe_backend, kernels.write_kv)
     out = sample(logits, sbatch, adjust, grammar)
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
     return out, last_tokens, k_cache, v_cache
@@ -74,7 +80,7 @@ def _step(cfg, kv_heads, act_dtype, attention_kernel, linear_kernel, moe_backend
 class ModelRunner:
     def __init__(self, model: Decoder, mesh, kv_spec: KVCacheSpec, plan: BucketPlan,
                  act_dtype=None, executable_cache: ExecutableCache | None = None,
-                 moe_backend: str = "grouped"):
+                 moe_backend: str = "grouped", attention_backend: str = "auto"):
         self.mesh = mesh
         self.kv_spec = kv_spec
         self.plan = plan
@@ -84,11 +90,19 @@ class ModelRunner:
         top, stacked = model.weights()
         self.k_cache, self.v_cache = kv_spec.allocate(mesh)
         # On one CPU device, steps use C++ kernels where they run (engine/cpu_kernels.py).
-        cpu_alone = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+        platform = mesh.devices.flat[0].platform
+        cpu_alone = mesh.devices.size == 1 and platform == "cpu"
         act_dtype = act_dtype or model.dtype
-        self.kernels = cpu_kernels.choose(top, stacked, model.cfg, self.k_cache.dtype,
-                                          act_dtype, cpu_alone)
-        self.attention_kernel, self.linear_kernel = self.kernels.attention, self.kernels.linear
+        self.attention_backend = resolve_backend(attention_backend, platform, cpu_alone)
+        cpu = cpu_kernels.choose(top, stacked, model.cfg, self.k_cache.dtype, act_dtype,
+                                 cpu_alone, attention=self.attention_backend == "cpu")
+        bf16_products = top["embed"].dtype == jnp.bfloat16 and act_dtype == jnp.float32
+        self.kernels = attention_kernels(
+            "native" if self.attention_backend == "cpu" else self.attention_backend, mesh,
+            bf16_products)
+        if cpu.attention is not None:
+            self.kernels = AttentionKernels("cpu", cpu.attention, self.kernels.write_kv)
+        self.linear_kernel = cpu.linear
         if self.linear_kernel:  # one kernel call for q/k/v and one for gate/up
             stacked = jax.jit(fuse_projections)(stacked)
         # Without the matmul kernel, a single decoding sequence on CPU runs its layers
@@ -103,12 +117,12 @@ class ModelRunner:
         self.state = (top, stacked, per_layer, layer_ids)
         replicated = NamedSharding(mesh, P())
         kv_sharding = self.k_cache.sharding
-        # The previous step's sampled tokens, one slot per row of the widest bucket.
-        max_rows = max(plan.decode_batch + plan.prefill_batch)
+        # The previous step's sampled tokens, one slot per sequence row of the widest bucket.
+        max_rows = plan.max_seqs
         self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
         self._last_rows: dict[str, int] = {}
         self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, act_dtype,
-                                     self.attention_kernel, self.linear_kernel, moe_backend),
+                                     self.kernels, self.linear_kernel, moe_backend),
                              donate_argnums=(1, 2, 3),
                              out_shardings=((replicated,) * 4, replicated, kv_sharding,
                                             kv_sharding))
@@ -124,17 +138,19 @@ class ModelRunner:
     # -- packing -------------------------------------------------------------
     def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust | None,
                                                   GrammarMask | None]:
+        """The ragged step's arrays: each sequence's tokens one after another."""
         ps = self.page_size
         max_pages = max(-(-(s.num_computed + n) // ps) for s, n in zip(sched.seqs, sched.chunk_lens))
-        S, Q, P = self.plan.shape_for(sched.is_prefill, len(sched.seqs), max(sched.chunk_lens),
-                                      max_pages)
-        tokens = np.zeros((S, Q), np.int32)
-        positions = np.zeros((S, Q), np.int32)
-        slots = np.zeros((S, Q), np.int32)  # padding writes into page 0, which nobody owns
+        T, S, P = self.plan.shape_for(sched.num_tokens, len(sched.seqs), max_pages)
+        tokens = np.zeros((T,), np.int32)
+        positions = np.zeros((T,), np.int32)
+        slots = np.zeros((T,), np.int32)  # padding writes into page 0, which nobody owns
         page_table = np.zeros((S, P), np.int32)
-        kv_lens = np.ones((S,), np.int32)
+        cu_q_lens = np.full((S + 1,), sched.num_tokens, np.int32)
+        kv_lens = np.zeros((S,), np.int32)
         last_index = np.zeros((S,), np.int32)
         prev_rows = np.full((S,), -1, np.int32)
+        at = 0
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
             start = seq.num_computed
             pos = np.arange(start, start + n, dtype=np.int32)
@@ -144,16 +160,20 @@ class ModelRunner:
                 assert n == 1 and seq.num_pending == 1, (seq.rid, n, seq.num_pending)
                 prev_rows[i] = self._last_rows[seq.rid]
             else:
-                tokens[i, :n] = known
-            positions[i, :n] = pos
-            slots[i, :n] = pages[pos // ps] * ps + pos % ps
+                tokens[at:at + n] = known
+            positions[at:at + n] = pos
+            slots[at:at + n] = pages[pos // ps] * ps + pos % ps
             page_table[i, :len(pages)] = pages
+            cu_q_lens[i] = at
             kv_lens[i] = start + n
-            last_index[i] = n - 1
-        batch = StepBatch(tokens, positions, slots, page_table, kv_lens, last_index, prev_rows)
-        if sched.is_prefill and any(s.audio_embeds is not None for s in sched.seqs):
-            batch.embeds, batch.embed_mask = pack_audio_embeds(sched, S, Q,
-                                                               self.model.cfg.hidden_size)
+            at += n
+            last_index[i] = at - 1
+        batch = StepBatch(tokens, positions, slots, page_table, cu_q_lens, kv_lens,
+                          np.asarray(len(sched.seqs), np.int32), last_index, prev_rows)
+        if any(s.audio_embeds is not None for s in sched.seqs):
+            embeds, mask = pack_audio_embeds(sched, T, self.model.cfg.hidden_size)
+            if mask.any():  # a chunk covers audio placeholders: the step's audio form
+                batch.embeds, batch.embed_mask = embeds, mask
         return (batch, self._sampling(sched.seqs, S), self._adjust(sched.seqs, S),
                 self._grammar(sched, S))
 
@@ -228,7 +248,7 @@ class ModelRunner:
         packed = self.pack(sched)
         outputs = self.dispatch(*packed)
         self._last_rows = {seq.rid: i for i, seq in enumerate(sched.seqs)}
-        return Launched(outputs, packed[0].tokens.shape)
+        return Launched(outputs, packed[0].shape)
 
     @staticmethod
     def fetch(launched: Launched) -> StepOutput:
@@ -253,11 +273,11 @@ class ModelRunner:
         return out
 
     def _device_adjust(self, batch: StepBatch, adjust: LogitAdjust | None) -> LogitAdjust:
-        S = batch.tokens.shape[0]
+        S = batch.page_table.shape[0]
         return self._inactive_adjust(S) if adjust is None else self._replicated(adjust)
 
     def _device_grammar(self, batch: StepBatch, grammar: GrammarMask | None) -> GrammarMask:
-        S = batch.tokens.shape[0]
+        S = batch.page_table.shape[0]
         return self._inactive_grammar(S) if grammar is None else self._replicated(grammar)
 
     def _executable(self, batch: StepBatch, sbatch: SamplingBatch, adj: LogitAdjust,
@@ -267,7 +287,7 @@ class ModelRunner:
         Keeping the executables ourselves means warmup only compiles (or loads from the
         persistent cache), never runs, and serving never traces.
         """
-        key = (batch.tokens.shape, batch.page_table.shape, batch.embeds is not None)
+        key = (batch.shape, batch.page_table.shape[1], batch.embeds is not None)
         exe = self._executables.get(key)
         if exe is None:
             if self.warmed_up:  # a bucket the plan missed (counted by Engine.compiles_since_warmup)
@@ -289,16 +309,16 @@ class ModelRunner:
             self.loaded_after_warmup += 1
         return exe
 
-    def warmup_shape(self, S: int, Q: int, P: int, embeds: bool = False) -> float:
+    def warmup_shape(self, T: int, S: int, P: int, embeds: bool = False) -> float:
         """Compile (or load from the persistent cache) one bucket; returns seconds.
-        ``embeds``: its form with an embedding override (audio prompts' prefill)."""
+        ``embeds``: its form with an embedding override (audio prompts)."""
         t0 = time.perf_counter()
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
-        batch = StepBatch(z(S, Q), z(S, Q), z(S, Q), z(S, P), np.ones(S, np.int32), z(S),
-                          np.full(S, -1, np.int32))
+        batch = StepBatch(z(T), z(T), z(T), z(S, P), z(S + 1), z(S), np.asarray(0, np.int32),
+                          z(S), np.full(S, -1, np.int32))
         if embeds:
-            batch.embeds = np.zeros((S * Q, self.model.cfg.hidden_size), np.float32)
-            batch.embed_mask = np.zeros((S * Q,), bool)
+            batch.embeds = np.zeros((T, self.model.cfg.hidden_size), np.float32)
+            batch.embed_mask = np.zeros((T,), bool)
         sbatch = SamplingBatch(np.zeros(S, np.float32), z(S), np.ones(S, np.float32),
                                np.zeros(S, np.float32), np.zeros(S, np.uint32), z(S),
                                np.asarray(True), np.asarray(False))
@@ -318,20 +338,21 @@ def needs_logit_adjust(p) -> bool:
                 or p.logit_bias or p.min_tokens)
 
 
-def pack_audio_embeds(sched: ScheduledBatch, S: int, Q: int, hidden: int):
-    """The (S * Q, hidden) override rows and (S * Q,) mask of a prefill step: each
-    sequence's audio encoder outputs at its chunk's <|audio_pad|> positions."""
-    embeds = np.zeros((S * Q, hidden), np.float32)
-    mask = np.zeros((S * Q,), bool)
-    for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
-        if seq.audio_embeds is None:
-            continue
-        start = seq.num_computed
-        pos = seq.audio_positions  # sorted prompt indices of the placeholders
-        lo, hi = np.searchsorted(pos, start), np.searchsorted(pos, start + n)
-        rows = i * Q + (pos[lo:hi] - start)
-        embeds[rows] = seq.audio_embeds[lo:hi]
-        mask[rows] = True
+def pack_audio_embeds(sched: ScheduledBatch, T: int, hidden: int):
+    """The (T, hidden) override rows and (T,) mask of a step: each sequence's audio
+    encoder outputs at its chunk's <|audio_pad|> positions."""
+    embeds = np.zeros((T, hidden), np.float32)
+    mask = np.zeros((T,), bool)
+    at = 0
+    for seq, n in zip(sched.seqs, sched.chunk_lens):
+        if seq.audio_embeds is not None:
+            start = seq.num_computed
+            pos = seq.audio_positions  # sorted prompt indices of the placeholders
+            lo, hi = np.searchsorted(pos, start), np.searchsorted(pos, start + n)
+            rows = at + (pos[lo:hi] - start)
+            embeds[rows] = seq.audio_embeds[lo:hi]
+            mask[rows] = True
+        at += n
     return embeds, mask
 
 

@@ -1,17 +1,13 @@
 """Continuous batching: which sequences run in the next step, and with how many tokens.
 
-A step is either a prefill step (chunks of prompts, up to the chunked-prefill
-token budget) or a decode step (one token for every running sequence). When
-both kinds are pending they alternate, so a stream of new prompts never
-starves running decodes. A prefill step takes at most
-``new_seqs_per_prefill`` new prompts (1 on CPU), beside any prompt part-way
-through its chunks. Every prefill step stalls every decoder, so short ones keep
-ITL down; and prompts that arrive together but are prefilled a step apart also
-finish apart, so in a steady load new requests come one at a time and each
-waits for one short step, not for a batch of others (benchmarks/README.md has
-the TTFT figures). When the KV pool runs dry the newest running
-sequence is preempted: its pages are released and it later resumes by
-recomputing its tokens, producing the same output.
+Every step is one ragged batch (engine/batch.py): every running decode gets its
+one token first, then prompt chunks fill what is left of the token budget
+(``--chunked-prefill-size``): prompts part-way through their chunks, then new
+ones, at most ``new_seqs_per_prefill`` a step (1 on CPU) and
+``max_prefill_seqs`` chunks in all. So a long prompt never stalls a running
+decode: it shares steps with them, a chunk at a time. When the KV pool runs
+dry the newest running sequence is preempted: its pages are released and it
+later resumes by recomputing its tokens, producing the same output.
 
 With the overlap schedule (engine.py) the next batch is chosen while the
 previous one is still on the device: a sequence's newest token may be
@@ -42,7 +38,8 @@ class SchedulerConfig:
     chunked_prefill_size: int
     context_length: int
     schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
-    new_seqs_per_prefill: int = 1  # new prompts one prefill step takes
+    new_seqs_per_prefill: int = 1  # new prompts one step takes
+    max_prefill_seqs: int = 8  # prompt chunks one step holds
 
 
 class Scheduler:
@@ -54,7 +51,6 @@ class Scheduler:
         self.cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._last_was_prefill = False
 
     # -- bookkeeping -------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -170,39 +166,35 @@ class Scheduler:
 
     # -- the decision --------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        decodes = [s for s in self.running if not s.is_prefilling and not s.length_done]
-        want_prefill = bool(self.waiting) or any(s.is_prefilling for s in self.running)
-        if want_prefill and not (self._last_was_prefill and decodes):
-            batch = self._schedule_prefill()
-            if batch is not None:
-                self._last_was_prefill = True
-                return batch
-        self._last_was_prefill = False
-        return self._schedule_decode()
-
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        budget = min(self.cfg.chunked_prefill_size, self.plan.prefill_area)
-        seqs, chunks = [], []
+        """Every running decode, then prompt chunks up to the token budget."""
+        decodes = self._schedule_decodes()
+        seqs, chunks = list(decodes), [1] * len(decodes)
+        budget = min(self.cfg.chunked_prefill_size, self.plan.max_tokens) - len(decodes)
+        prefills = 0
         # Sequences already part-way through their prompt go first.
-        for seq in self.running:
-            if seq.is_prefilling and budget > 0:
+        for seq in list(self.running):
+            if budget <= 0 or prefills >= self.cfg.max_prefill_seqs:
+                break
+            if seq.is_prefilling:
                 n = min(seq.num_uncomputed, budget)
-                if self._fits(chunks, n) and self._grow(seq, n):
+                if self._grow(seq, n):
                     seqs.append(seq)
                     chunks.append(n)
                     budget -= n
+                    prefills += 1
         if self.cfg.schedule_policy == "lpm" and len(self.waiting) > 1:
             self.waiting = deque(sorted(self.waiting,
                                         key=lambda s: -self.cache.peek(s.cache_ids)))
         admitted = 0
         while (self.waiting and budget > 0 and admitted < self.cfg.new_seqs_per_prefill
+               and prefills < self.cfg.max_prefill_seqs
                and len(self.running) < self.cfg.max_running_requests):
             seq = self.waiting[0]
             if not seq.pages:
                 seq.pages, seq.num_computed = self.cache.match(seq.cache_ids)
                 seq.num_cached_prompt = max(seq.num_cached_prompt, seq.num_computed)
             n = min(seq.num_uncomputed, budget)
-            if not self._fits(chunks, n) or not self._grow(seq, n):
+            if not self._grow(seq, n):
                 break  # wait for pages; a later step frees some
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -211,15 +203,19 @@ class Scheduler:
             chunks.append(n)
             budget -= n
             admitted += 1
+            prefills += 1
         if not seqs:
+            if len(self.running) > 1 and all(s.is_prefilling for s in self.running):
+                # Partial prompts hold the pool between them and none can grow: the
+                # newest gives its pages back so the others go on.
+                self._preempt(self.running[-1])
+                return self.schedule()
             return None
-        return ScheduledBatch(seqs, chunks, is_prefill=True)
+        return ScheduledBatch(seqs, chunks, num_decodes=len(decodes))
 
-    def _fits(self, chunks: list[int], n: int) -> bool:
-        """Would one more chunk of ``n`` tokens keep the step in a precompiled shape?"""
-        return self.plan.prefill_fits(len(chunks) + 1, max(chunks + [n]))
-
-    def _schedule_decode(self) -> ScheduledBatch | None:
+    def _schedule_decodes(self) -> list[Sequence]:
+        """Running sequences past their prompt, each with a page for its next token; the
+        newest running sequences are preempted while the pool is short."""
         decodes = [s for s in self.running if not s.is_prefilling and not s.length_done]
         for seq in list(decodes):
             if seq not in self.running:
@@ -231,7 +227,4 @@ class Scheduler:
                     decodes.remove(victim)
                 if victim is seq:
                     break
-        decodes = [s for s in decodes if s in self.running]
-        if not decodes:
-            return None
-        return ScheduledBatch(decodes, [1] * len(decodes), is_prefill=False)
+        return [s for s in decodes if s in self.running]

@@ -34,13 +34,10 @@ class LinearKernel:
     """A kernel for ``w[layer] @ x`` over stacked (L, N, K) weights, and where it runs."""
     fn: Callable  # (w (L, N, K), layer () int32, x (K, M)) -> (N, M) float32
     max_tokens: int | None = None  # steps of more tokens use XLA's dots (None: no bound)
-    decode_only: bool = False
     head: bool = False  # also the LM head (as a one-layer stack)
 
-    def takes(self, seqs: int, query: int) -> bool:
-        if self.decode_only and query != 1:
-            return False
-        return self.max_tokens is None or seqs * query <= self.max_tokens
+    def takes(self, tokens: int) -> bool:
+        return self.max_tokens is None or tokens <= self.max_tokens
 
 
 def dense(w: jax.Array, x: jax.Array) -> jax.Array:
@@ -99,14 +96,14 @@ class Matmuls:
         return [y[a:a + r] for a, r in zip(starts, rows)]
 
 
-def step_matmuls(layers: Weights | list[Weights], kernel: LinearKernel | None, seqs: int,
-                 query: int) -> tuple[Weights | list[Weights], Matmuls]:
+def step_matmuls(layers: Weights | list[Weights], kernel: LinearKernel | None,
+                 tokens: int) -> tuple[Weights | list[Weights], Matmuls]:
     """(the layer weights to scan or unroll over, the step's matmuls).
 
     Where ``kernel`` takes the step and the weights are stacked, the projections stay
     whole, closed over, and the kernel reads the layer's slice in place: the scan
     then slices only norms and biases, and copies no projection weights."""
-    if kernel and kernel.takes(seqs, query) and isinstance(layers, dict):
+    if kernel and kernel.takes(tokens) and isinstance(layers, dict):
         whole = {name: w for name, w in layers.items() if name.endswith("_proj")}
         rest = {name: w for name, w in layers.items() if name not in whole}
         return rest, Matmuls(frozenset(whole), kernel.fn, whole)

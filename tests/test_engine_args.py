@@ -69,17 +69,14 @@ SETTINGS = [
 def test_serve_and_warmup_plan_the_same_buckets(parse, flags):
     served, warmed = parse("serve", *flags), parse("warmup", *flags)
     assert served == warmed
-    for on_cpu in (True, False):
-        assert (plan_buckets(served, served.context_length, on_cpu).all_shapes()
-                == plan_buckets(warmed, warmed.context_length, on_cpu).all_shapes())
+    assert (plan_buckets(served, served.context_length).all_shapes()
+            == plan_buckets(warmed, warmed.context_length).all_shapes())
 
 
-def test_new_seqs_per_prefill_changes_the_buckets(parse):
+def test_token_paddings_change_the_buckets(parse):
     """Why warmup must take the flag: without it, it compiled another set of shapes."""
-    default, three = parse("warmup"), parse("warmup", "--new-seqs-per-prefill", "3")
-    for on_cpu in (True, False):
-        assert (plan_buckets(default, 4096, on_cpu).all_shapes()
-                != plan_buckets(three, 4096, on_cpu).all_shapes())
+    default, some = parse("warmup"), parse("warmup", "--precompile-token-paddings", "64,512")
+    assert plan_buckets(default, 4096).all_shapes() != plan_buckets(some, 4096).all_shapes()
 
 
 def test_warmup_model_argument_is_the_model_path(parse):

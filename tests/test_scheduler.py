@@ -15,9 +15,9 @@ def make(pages=64, policy="fcfs", max_running=8, chunk=32, new_per_prefill=8, ca
          context=128):
     pool = PagePool(pages + 1)
     prefix = RadixPrefixCache(pool, PAGE) if cache else NoPrefixCache()
-    plan = BucketPlan.plan(max_running=max_running, max_prefill_seqs=8,
-                           chunked_prefill_size=chunk, max_pages_per_seq=context // PAGE,
-                           page_size=PAGE, token_paddings=[4, 8, 16, 32])
+    plan = BucketPlan.plan(max_running=max_running, chunked_prefill_size=chunk,
+                           max_pages_per_seq=context // PAGE, page_size=PAGE,
+                           token_paddings=[4, 8, 16, 32])
     cfg = SchedulerConfig(page_size=PAGE, max_running_requests=max_running,
                           chunked_prefill_size=chunk, context_length=context,
                           schedule_policy=policy, new_seqs_per_prefill=new_per_prefill)
@@ -42,18 +42,29 @@ def run_step(sched, token=7):
     return batch
 
 
-def test_prefill_then_decode_alternate_while_both_are_pending():
-    sched, _ = make(new_per_prefill=1)
-    a, b = seq(range(1, 9), max_tokens=10, rid="a"), seq(range(20, 28), max_tokens=10, rid="b")
+def test_decodes_and_prompt_chunks_share_every_step():
+    sched, _ = make(new_per_prefill=1, chunk=8)
+    a = seq(range(1, 9), max_tokens=10, rid="a")
+    b = seq(range(20, 32), max_tokens=10, rid="b")  # 12 tokens: chunks of 7 and 5
     sched.add(a)
     sched.add(b)
-    kinds = []
-    for _ in range(5):
+    rows = []
+    for _ in range(4):
         batch = run_step(sched)
-        kinds.append(("P" if batch.is_prefill else "D", [s.rid for s in batch.seqs]))
-    # One new prompt a prefill step; a prefill never follows a prefill while decodes wait.
-    assert kinds == [("P", ["a"]), ("D", ["a"]), ("P", ["b"]), ("D", ["a", "b"]),
-                     ("D", ["a", "b"])]
+        rows.append(([s.rid for s in batch.seqs], batch.chunk_lens, batch.num_decodes))
+        assert batch.num_tokens <= 8
+    # One new prompt a step; a's decode is in every step after its prompt, first, and
+    # b's prompt fills the rest of the budget.
+    assert rows == [(["a"], [8], 0), (["a", "b"], [1, 7], 1), (["a", "b"], [1, 5], 1),
+                    (["a", "b"], [1, 1], 2)]
+
+
+def test_max_prefill_seqs_caps_the_chunks_of_a_step():
+    sched, _ = make(new_per_prefill=8, chunk=32)
+    sched.cfg.max_prefill_seqs = 2
+    for i in range(4):
+        sched.add(seq(range(10 * i + 1, 10 * i + 5), rid=f"r{i}"))
+    assert [s.rid for s in sched.schedule().seqs] == ["r0", "r1"]
 
 
 def test_chunked_prefill_respects_the_token_budget():
