@@ -2,11 +2,13 @@
 
     python benchmarks/step_time.py --seqs 16 --query 1 --kv-len 384     # a decode step
     python benchmarks/step_time.py --seqs 1 --query 512 --kv-len 512    # a prefill chunk
+    python benchmarks/step_time.py --seqs 16 --query 1 --kv-len 384 --chunk 256  # both
 
 Packs a batch of ``--seqs`` sequences with ``--query`` new tokens each, ending at
 ``--kv-len`` cached tokens, on randomly placed pages of the default model's KV pool,
 and times ``ModelRunner.execute`` (pack excluded, sampling and the host copy of
-the sampled tokens included). Compare with ``bare_forward.py`` at the same batch.
+the sampled tokens included). ``--chunk N`` adds a fresh prompt's chunk of N tokens
+to the same ragged step. Compare with ``bare_forward.py`` at the same batch.
 """
 
 from __future__ import annotations
@@ -20,10 +22,27 @@ from sgljax.engine.batch import SamplingBatch, StepBatch
 from sgljax.engine.engine import Engine
 
 
-def _pad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    out = np.zeros(shape, np.int32)
-    out[tuple(slice(0, k) for k in a.shape)] = a
-    return out
+def ragged_batch(rng, lengths: list[tuple[int, int]], pages_free: int, ps: int, T: int, S: int,
+                 P: int) -> StepBatch:
+    """(query tokens, cached tokens after the step) per sequence, on shuffled pages."""
+    need = [-(-kv // ps) for _, kv in lengths]
+    pool = rng.permutation(np.arange(1, pages_free))[:sum(need)].astype(np.int32)
+    tokens, positions, slots = (np.zeros(T, np.int32) for _ in range(3))
+    table, kv_lens = np.zeros((S, P), np.int32), np.zeros(S, np.int32)
+    cu, last = np.full(S + 1, sum(q for q, _ in lengths), np.int32), np.zeros(S, np.int32)
+    at = used = 0
+    for i, ((q, kv), n) in enumerate(zip(lengths, need)):
+        pages = pool[used:used + n]
+        used += n
+        pos = np.arange(kv - q, kv, dtype=np.int32)
+        tokens[at:at + q] = rng.integers(10, 1000, q)
+        positions[at:at + q] = pos
+        slots[at:at + q] = pages[pos // ps] * ps + pos % ps
+        table[i, :n], kv_lens[i], cu[i] = pages, kv, at
+        at += q
+        last[i] = at - 1
+    return StepBatch(tokens, positions, slots, table, cu, kv_lens,
+                     np.asarray(len(lengths), np.int32), last, np.full(S, -1, np.int32))
 
 
 def main() -> None:
@@ -32,27 +51,24 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--query", type=int, default=1)
     ap.add_argument("--kv-len", type=int, default=384)
+    ap.add_argument("--chunk", type=int, default=0, help="plus a fresh prompt chunk this long")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--attention-backend", default="auto")
     args = ap.parse_args()
     S, Q, kv_len = args.seqs, args.query, args.kv_len
+    lengths = [(Q, kv_len)] * S + ([(args.chunk, args.chunk)] if args.chunk else [])
     engine = Engine(model_path=args.model_path, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
-                    max_running_requests=max(S, 8),
-                    context_length=max(1024, kv_len), disable_radix_cache=True,
-                    max_total_tokens=max(S * (kv_len + 32), 1024) + 64)
+                    max_running_requests=max(len(lengths), 8), attention_backend=args.attention_backend,
+                    chunked_prefill_size=max(512, sum(q for q, _ in lengths)),
+                    context_length=max(1024, kv_len, args.chunk), disable_radix_cache=True,
+                    max_total_tokens=max(S * (kv_len + 32) + args.chunk, 1024) + 64)
     runner, ps = engine.runner, engine.runner.page_size
-    P = -(-kv_len // ps)
+    P = max(-(-kv // ps) for _, kv in lengths)
     rng = np.random.default_rng(0)
-    pages = rng.permutation(np.arange(1, engine.pool.capacity))[:S * P].reshape(S, P)
-    pages = pages.astype(np.int32)
-    pos = np.tile(np.arange(kv_len - Q, kv_len, dtype=np.int32), (S, 1))
-    slots = np.take_along_axis(pages, pos // ps, 1) * ps + pos % ps
-    Sb, Qb, Pb = runner.plan.shape_for(Q > 1, S, Q, P)
-    batch = StepBatch(_pad(rng.integers(10, 1000, (S, Q)).astype(np.int32), (Sb, Qb)),
-                      _pad(pos, (Sb, Qb)), _pad(slots, (Sb, Qb)), _pad(pages, (Sb, Pb)),
-                      _pad(np.full(S, kv_len, np.int32), (Sb,)),
-                      _pad(np.full(S, Q - 1, np.int32), (Sb,)), np.full(Sb, -1, np.int32))
+    Tb, Sb, Pb = runner.plan.shape_for(sum(q for q, _ in lengths), len(lengths), P)
+    batch = ragged_batch(rng, lengths, engine.pool.capacity, ps, Tb, Sb, Pb)
     zeros = np.zeros(Sb, np.int32)
     sbatch = SamplingBatch(np.zeros(Sb, np.float32), zeros, np.ones(Sb, np.float32),
                            np.zeros(Sb, np.float32), np.zeros(Sb, np.uint32), zeros,
@@ -62,8 +78,10 @@ def main() -> None:
     for _ in range(args.iters):
         runner.execute(batch, sbatch, None)
     dt = (time.perf_counter() - t0) / args.iters
-    print(f"{S} seqs x {Q} tokens at {kv_len} cached, bucket {(Sb, Qb, Pb)}: "
-          f"{dt * 1000:.1f} ms/step, {S * Q / dt:.0f} tok/s")
+    tokens = sum(q for q, _ in lengths)
+    print(f"{S} seqs x {Q} tokens at {kv_len} cached"
+          f"{f' + a {args.chunk}-token chunk' if args.chunk else ''}, bucket {(Tb, Sb, Pb)}, "
+          f"{runner.kernels.backend} attention: {dt * 1000:.1f} ms/step, {tokens / dt:.0f} tok/s")
 
 
 if __name__ == "__main__":

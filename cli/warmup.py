@@ -28,7 +28,7 @@ def warmup_progress(quiet: bool = False):
             nonlocal task
             if task is None:
                 task = bar.add_task("", total=total)
-            bar.update(task, completed=done, description=f"buckets (S, Q, P) {shape}")
+            bar.update(task, completed=done, description=f"buckets (tokens, seqs, pages) {shape}")
 
         yield step
 
@@ -110,7 +110,7 @@ def _warmup(engine_args: EngineArgs, model: str | None, as_json: bool) -> None:
             if args.asr_warmup:
                 asr = figures["asr"]
                 typer.echo(f"audio: encoder buckets {asr['encoder_buckets']}, "
-                           f"{asr['prefill_shapes']} audio prefill shapes, "
+                           f"{asr['audio_shapes']} audio step shapes, "
                            f"{asr['unwarmed']} shapes left unwarmed ({asr['seconds']} s)")
         engine.shutdown()
 

@@ -402,7 +402,7 @@ class Engine:
         clips = [(0.1 * rng.standard_normal(f * 160)).astype(np.float32) for f in frames]
         self.transcribe(clips, "en", params=SamplingParams(max_tokens=1, temperature=0))
         self.flush_cache()  # the made-up audio is no prefix anyone will share
-        return {"encoder_buckets": buckets, "prefill_shapes": len(shapes),
+        return {"encoder_buckets": buckets, "audio_shapes": len(shapes),
                 "unwarmed": self.compile_stats.compiles + enc.unwarmed_shapes - before,
                 "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -54,7 +54,7 @@ class StepOutput:
 class Launched:
     """A dispatched step, still running or done: its outputs on the device."""
     outputs: tuple  # tokens, logprobs, top ids, top logprobs
-    shape: tuple = ()  # the step's (S, Q) bucket
+    shape: tuple = ()  # the step's (tokens, sequences) bucket
 
 
 def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust, grammar):

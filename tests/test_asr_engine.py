@@ -124,9 +124,9 @@ def test_no_compiles_after_warmup(tiny_asr, tmp_path):
     eng = Engine(model_path=str(tiny_asr), compilation_cache_dir=str(tmp_path), page_size=4,
                  chunked_prefill_size=32, max_running_requests=4, max_prefill_seqs=4,
                  context_length=256, max_total_tokens=2048)
-    prefill = sum(1 for s in eng.plan.all_shapes() if s[0])
     buckets = len(eng.audio.runner.buckets)
-    assert eng.warmup() == len(eng.plan.all_shapes()) + prefill + buckets
+    # Each bucket twice (text, and with audio embeddings), then the encoder's.
+    assert eng.warmup() == 2 * len(eng.plan.all_shapes()) + buckets
     rng = np.random.default_rng(0)
     prompt = eng.transcription_prompt(1, "en")
     for n in (1, 3, 4):  # audio and text requests together, clips of 0.2 s .. 9 s
@@ -161,7 +161,7 @@ def test_warmup_asr_compiles_what_audio_needs(tiny_asr, tmp_path):
     span = eng.audio.runner.window_frames  # 200 frames: 2 s per window in the tiny model
     out = eng.warmup_asr(frame_paddings=[150, 700], token_paddings=[32])
     assert out["encoder_buckets"] == [1, 4] and out["unwarmed"] == 0, out
-    assert out["prefill_shapes"] == sum(1 for s in eng.plan.all_shapes() if s[0] and s[2] == 32)
+    assert out["audio_shapes"] == 1  # the one token bucket asked for
     eng.warmup()  # the rest; from here on every compile counts
     assert eng.unwarmed_audio_shapes() == 0
     eng.transcribe([synth_audio(9 * span / 100, seed=9)],  # 9 windows: the 16 bucket

@@ -31,15 +31,18 @@ def test_unrolled_and_fused_equal_scanned(arch):
     cache = lambda: jnp.asarray(  # noqa: E731
         rng.standard_normal((cfg.num_layers, pages, kvh, PAGE, hd)).astype(np.float32))
     k_cache, v_cache = cache(), cache()
-    # Two sequences: a 5-token chunk after 3 cached tokens, and a 1-token decode at 9.
-    tokens = np.array([[7, 8, 9, 10, 11], [12, 0, 0, 0, 0]], np.int32)
-    positions = np.array([[3, 4, 5, 6, 7], [9, 0, 0, 0, 0]], np.int32)
+    # One ragged step of two sequences: a 5-token chunk after 3 cached tokens and a
+    # 1-token decode at 9, then two padding tokens.
+    tokens = np.array([7, 8, 9, 10, 11, 12, 0, 0], np.int32)
+    positions = np.array([3, 4, 5, 6, 7, 9, 0, 0], np.int32)
     table = np.array([[1, 2, 0], [3, 4, 5]], np.int32)
-    slots = np.take_along_axis(table, positions // PAGE, 1) * PAGE + positions % PAGE
-    slots[1, 1:] = 0
+    seq = np.array([0, 0, 0, 0, 0, 1, 0, 0])
+    slots = table[seq, positions // PAGE] * PAGE + positions % PAGE
+    slots[6:] = 0
     batch = StepBatch(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(slots),
-                      jnp.asarray(table), jnp.asarray([8, 10], jnp.int32),
-                      jnp.asarray([4, 0], jnp.int32), jnp.asarray([-1, -1], jnp.int32))
+                      jnp.asarray(table), jnp.asarray([0, 5, 6], jnp.int32),
+                      jnp.asarray([8, 10], jnp.int32), jnp.int32(2),
+                      jnp.asarray([4, 5], jnp.int32), jnp.asarray([-1, -1], jnp.int32))
     run = jax.jit(lambda layers, k, v: forward(cfg, kvh, top, layers, batch, k, v))
     scanned = run(stacked, k_cache, v_cache)
     unrolled = run(unstack_layers(stacked), k_cache, v_cache)
