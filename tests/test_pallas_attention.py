@@ -19,7 +19,8 @@ The kernel must never read pages after a sequence's last one (nor, with a
 sliding window, before the first one its queries see): those pages are poisoned
 with NaN, and their page-table entries point at an out-of-bounds page id, which
 interpret mode refuses to DMA (NaN alone cannot catch a read, since the kernel
-masks K and zeroes V outside the range). File runtime here: 20-35 s on 2 shared cores.
+masks K and zeroes V outside the range). Both kernels are also lowered to Mosaic for a
+TPU target (no TPU needed for that half of the compile). File runtime here: 20-35 s on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -230,3 +231,38 @@ def test_write_kv(cache_dtype):
     np.testing.assert_array_equal(np.asarray(got_k[0, 1:]),
                                   np.asarray(write_kv(k, v, jnp.int32(0), slots, k_new,
                                                       v_new)[0][0, 1:]))
+
+
+@pytest.mark.parametrize("dtype,page_size,group,window", [
+    (jnp.bfloat16, 16, 4, None), (jnp.float32, 16, 2, 32), (jnp.bfloat16, 64, 8, None)])
+def test_lowers_to_mosaic_for_tpu(monkeypatch, dtype, page_size, group, window):
+    """Without a TPU: Pallas' Mosaic lowering (the Python half of the TPU compile) accepts
+    both kernels at TPU-like shapes (head dim 128). The Mosaic compiler itself only runs
+    on a TPU. Needs a TpuInfo for this host (a private registry; skipped if it moved)."""
+    try:
+        from jax._src.pallas.mosaic import tpu_info
+        info = tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V6E, 1)
+        monkeypatch.setitem(tpu_info.registry, jax.devices()[0].device_kind, lambda: info)
+        tpu_info.get_tpu_info.cache_clear()  # and again after: no cached answer outlives the test
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"no TpuInfo registry: {e}")
+    try:
+        _lower_both(dtype, page_size, group, window)
+    finally:
+        tpu_info.get_tpu_info.cache_clear()
+
+
+def _lower_both(dtype, page_size, group, window):
+    rng = np.random.default_rng(0)
+    case = make_case(rng, [50, 90, 1, 120], [1, 90, 1, 40], page_size=page_size, group=group,
+                     dim=128)
+    attn = jax.jit(lambda *a: ragged_paged_attention_pallas(*a, sliding_window=window,
+                                                            interpret=False))
+    text = attn.trace(*case.args(dtype)).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text
+    k = jnp.zeros(case.k_cache.shape, dtype)
+    new = jnp.zeros((5, k.shape[2], k.shape[4]), jnp.float32)
+    write = jax.jit(lambda *a: pallas_write_kv(*a, interpret=False))
+    text = write.trace(k, k, jnp.int32(1), jnp.zeros((5,), jnp.int32), new, new).lower(
+        lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text
