@@ -61,6 +61,9 @@ def _use_interpret(interpret) -> bool:
 
 
 def _interpret_arg(interpret) -> object:
+    """None: interpret unless on a TPU; True/False; or a pltpu.InterpretParams to use as is."""
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
     return pltpu.InterpretParams() if _use_interpret(interpret) else False
 
 
@@ -114,26 +117,42 @@ def block_sizes(num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: 
 def _attention_kernel(layer_ref, table_ref, cu_ref, kv_lens_ref, num_seqs_ref,  # SMEM
                       q_hbm, k_hbm, v_hbm,  # HBM inputs
                       o_hbm,  # HBM output
-                      q_buf, o_buf, k_buf, v_buf, k_sem, v_sem, io_sem,  # scratch
-                      *, q_block, kv_pages, page_size, group, pages_per_seq, sliding_window,
-                      scale, compute_dtype):
+                      q_buf, o_buf, k_buf, v_buf, k_sem, v_sem, io_sem, carry_ref,  # scratch
+                      *, q_block, kv_pages, page_size, group, num_slots, pages_per_seq,
+                      sliding_window, scale, compute_dtype):
     head = pl.program_id(0)
     s = pl.program_id(1)
     rows = q_block * group
     kv_tokens = kv_pages * page_size
     layer = layer_ref[0]
-    q_start = cu_ref[s]
-    q_len = cu_ref[s + 1] - q_start
-    kv_len = kv_lens_ref[s]
-    table_base = s * pages_per_seq
 
-    def page_copies(b, slot, first_page, last_page, fn):
-        """fn(copy) for the K and V DMAs of pages first_page..last_page in kv block b."""
-        lo = jnp.maximum(first_page - b * kv_pages, 0)
-        hi = jnp.minimum(last_page - b * kv_pages + 1, kv_pages)
+    def q_len_of(seq):
+        return cu_ref[seq + 1] - cu_ref[seq]
+
+    def live(seq):  # a sequence slot with queries to answer
+        return (seq < num_seqs_ref[0]) & (q_len_of(seq) > 0)
+
+    def plan(seq, i):
+        """Scalars of q block i of sequence seq: its rows and the keys/pages/kv blocks it sees."""
+        q_len = q_len_of(seq)
+        first_pos = kv_lens_ref[seq] - q_len + i * q_block  # the block's first query position
+        n_real = jnp.minimum(q_block, q_len - i * q_block)  # real queries in the block
+        last_pos = first_pos + n_real - 1
+        lo_pos = (jnp.int32(0) if sliding_window is None
+                  else jnp.maximum(first_pos - sliding_window + 1, 0))
+        return dict(seq=seq, row0=(cu_ref[seq] + i * q_block) * group, first_pos=first_pos,
+                    n_real=n_real, last_pos=last_pos, lo_pos=lo_pos,
+                    first_page=lo_pos // page_size, last_page=last_pos // page_size,
+                    lo_blk=lo_pos // kv_tokens, hi_blk=last_pos // kv_tokens + 1)
+
+    def page_copies(p, b, slot, fn):
+        """fn(copy) for the K and V DMAs of the pages of kv block b that plan p reads."""
+        lo = jnp.maximum(p["first_page"] - b * kv_pages, 0)
+        hi = jnp.minimum(p["last_page"] - b * kv_pages + 1, kv_pages)
+        base = p["seq"] * pages_per_seq + b * kv_pages
 
         def one(j, carry):
-            page = table_ref[table_base + b * kv_pages + j]
+            page = table_ref[base + j]
             dst = pl.ds(j * page_size, page_size)
             fn(pltpu.make_async_copy(k_hbm.at[layer, page, head], k_buf.at[slot, dst],
                                      k_sem.at[slot]))
@@ -143,73 +162,100 @@ def _attention_kernel(layer_ref, table_ref, cu_ref, kv_lens_ref, num_seqs_ref,  
 
         jax.lax.fori_loop(lo, hi, one, 0)
 
-    def q_block_body(i, carry):
-        row0 = (q_start + i * q_block) * group
-        first_pos = kv_len - q_len + i * q_block  # position of the block's first query
-        n_real = jnp.minimum(q_block, q_len - i * q_block)  # real queries in the block
-        last_pos = first_pos + n_real - 1
-        lo_pos = (jnp.int32(0) if sliding_window is None
-                  else jnp.maximum(first_pos - sliding_window + 1, 0))
-        first_page, last_page = lo_pos // page_size, last_pos // page_size
-        lo_blk, hi_blk = lo_pos // kv_tokens, last_pos // kv_tokens + 1
+    def start(p, b, slot):
+        page_copies(p, b, slot, lambda c: c.start())
 
-        q_copy = pltpu.make_async_copy(q_hbm.at[head, pl.ds(row0, rows)], q_buf, io_sem.at[0])
+    # carry_ref (SMEM, kept across grid steps): [first kv block of this step already in
+    # flight?, its slot]. Written by the previous step of the same core, which is (head, s-1):
+    # the sequence axis is sequential and innermost. Step s = 0 never finds one in flight.
+    in_flight = jnp.where(s > 0, carry_ref[0], 0)
+    first_slot = jnp.where(in_flight > 0, carry_ref[1], 0)
+    carry_ref[0] = 0
+    num_q_blocks = pl.cdiv(q_len_of(s), q_block)
+    next_seq = jnp.minimum(s + 1, num_slots - 1)
+    next_live = (s + 1 < num_slots) & live(next_seq)
+
+    def q_block_body(i, slot):
+        p = plan(s, i)
+        q_copy = pltpu.make_async_copy(q_hbm.at[head, pl.ds(p["row0"], rows)], q_buf,
+                                       io_sem.at[0])
         q_copy.start()
-        page_copies(lo_blk, 0, first_page, last_page, lambda c: c.start())
         q_copy.wait()
         qv = q_buf[...].astype(compute_dtype)
         row = jax.lax.broadcasted_iota(jnp.int32, (rows, kv_tokens), 0)
         col = jax.lax.broadcasted_iota(jnp.int32, (rows, kv_tokens), 1)
         key_col = jax.lax.broadcasted_iota(jnp.int32, (kv_tokens, 1), 0)
+        lo_blk, hi_blk = p["lo_blk"], p["hi_blk"]
 
         def kv_block_body(b, state):
-            m, l, acc = state
-            slot = (b - lo_blk) % 2
+            m, l, acc, slot = state
+            nxt = 1 - slot
+            last = b + 1 == hi_blk
 
-            @pl.when(b + 1 < hi_blk)
+            # Keep the DMA engine busy: the next kv block of this q block, else the first of
+            # the next q block, else the first of the next sequence (the next grid step).
+            @pl.when(~last)
             def _():
-                page_copies(b + 1, 1 - slot, first_page, last_page, lambda c: c.start())
+                start(p, b + 1, nxt)
 
-            page_copies(b, slot, first_page, last_page, lambda c: c.wait())
+            @pl.when(last & (i + 1 < num_q_blocks))
+            def _():
+                pn = plan(s, i + 1)
+                start(pn, pn["lo_blk"], nxt)
+
+            @pl.when(last & (i + 1 == num_q_blocks) & next_live)
+            def _():
+                pn = plan(next_seq, 0)
+                start(pn, pn["lo_blk"], nxt)
+                carry_ref[0] = 1
+                carry_ref[1] = nxt
+
+            page_copies(p, b, slot, lambda c: c.wait())
             key0 = b * kv_tokens
-            # Rows are (token, head) pairs: token = row // group. Key p is visible to
-            # the row's query iff first_pos + row // group >= p (and > p - window);
-            # multiplied out by group, so no vector division is needed.
-            rel = key0 + col - first_pos
+            # Rows are (token, head) pairs: token = row // group. Key k is visible to the
+            # row's query iff first_pos + row // group >= k (and < k + window); multiplied
+            # out by group, so no vector division is needed.
+            rel = key0 + col - p["first_pos"]
             seen = rel * group <= row
             if sliding_window is not None:
                 seen &= row < (rel + sliding_window) * group
             key_pos = key0 + key_col
-            in_range = (key_pos >= lo_pos) & (key_pos <= last_pos)  # pages actually read
+            in_range = (key_pos >= p["lo_pos"]) & (key_pos <= p["last_pos"])  # rows DMA'd
             k = k_buf[slot].astype(compute_dtype)
             v = jnp.where(in_range, v_buf[slot], 0).astype(compute_dtype)  # unread rows: 0
             scores = jax.lax.dot_general(qv, k, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32) * scale
             scores = jnp.where(seen, scores, MASK_VALUE)
             m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
-            p = jnp.where(seen, jnp.exp(scores - m_new), 0.0)
+            probs = jnp.where(seen, jnp.exp(scores - m_new), 0.0)
             alpha = jnp.exp(m - m_new)
-            l = alpha * l + p.sum(axis=1, keepdims=True)
+            l = alpha * l + probs.sum(axis=1, keepdims=True)
             acc = alpha * acc + jax.lax.dot_general(
-                p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
+                probs.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
                 preferred_element_type=jnp.float32)
-            return m_new, l, acc
+            return m_new, l, acc, nxt
 
         init = (jnp.full((rows, 1), MASK_VALUE, jnp.float32),
                 jnp.zeros((rows, 1), jnp.float32),
-                jnp.zeros((rows, q_buf.shape[1]), jnp.float32))
-        _, l, acc = jax.lax.fori_loop(lo_blk, hi_blk, kv_block_body, init)
+                jnp.zeros((rows, q_buf.shape[1]), jnp.float32), slot)
+        _, l, acc, slot = jax.lax.fori_loop(lo_blk, hi_blk, kv_block_body, init)
         out_row = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-        out = jnp.where(out_row < n_real * group, acc / jnp.maximum(l, 1e-30), 0.0)
+        out = jnp.where(out_row < p["n_real"] * group, acc / jnp.maximum(l, 1e-30), 0.0)
         o_buf[...] = out.astype(o_buf.dtype)
-        o_copy = pltpu.make_async_copy(o_buf, o_hbm.at[head, pl.ds(row0, rows)], io_sem.at[1])
+        o_copy = pltpu.make_async_copy(o_buf, o_hbm.at[head, pl.ds(p["row0"], rows)],
+                                       io_sem.at[1])
         o_copy.start()
         o_copy.wait()
-        return carry
+        return slot
 
-    @pl.when((s < num_seqs_ref[0]) & (q_len > 0))
+    @pl.when(live(s))
     def _():
-        jax.lax.fori_loop(0, pl.cdiv(q_len, q_block), q_block_body, 0)
+        @pl.when(in_flight == 0)
+        def _():
+            p = plan(s, 0)
+            start(p, p["lo_blk"], first_slot)
+
+        jax.lax.fori_loop(0, num_q_blocks, q_block_body, first_slot)
 
 
 def ragged_paged_attention_pallas(
@@ -245,7 +291,7 @@ def ragged_paged_attention_pallas(
 
     kernel = functools.partial(
         _attention_kernel, q_block=q_block, kv_pages=kv_pages, page_size=page_size,
-        group=group, pages_per_seq=P, sliding_window=sliding_window,
+        group=group, num_slots=S, pages_per_seq=P, sliding_window=sliding_window,
         scale=1.0 / math.sqrt(D), compute_dtype=compute_dtype)
     kv_tokens = kv_pages * page_size
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -261,6 +307,7 @@ def ragged_paged_attention_pallas(
             pltpu.SemaphoreType.DMA((2,)),
             pltpu.SemaphoreType.DMA((2,)),
             pltpu.SemaphoreType.DMA((2,)),
+            pltpu.SMEM((2,), jnp.int32),
         ],
     )
     out = pl.pallas_call(

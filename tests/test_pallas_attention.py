@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from ragged_cases import RaggedCase, dense_answer, make_case
 from sgljax.kernels.paged_attention import ragged_attention_reference, write_kv
@@ -59,9 +60,14 @@ def fixed_case(rng, kind: str, *, tokens: int, seqs: int, max_len: int, page_siz
                      pad_seqs=seqs - n, pad_tokens=tokens - sum(ql), pages_per_seq=pages)
 
 
-def attention_fn(sliding_window=None, **blocks):
-    return jax.jit(lambda *a: ragged_paged_attention_pallas(*a, sliding_window=sliding_window,
-                                                            **blocks))
+# DMAs run when started, not when waited on (the default): a prefetch into a buffer
+# still being read would clobber it and show.
+EAGER = pltpu.InterpretParams(dma_execution_mode="eager")
+
+
+def attention_fn(sliding_window=None, interpret=EAGER, **blocks):
+    return jax.jit(lambda *a: ragged_paged_attention_pallas(
+        *a, sliding_window=sliding_window, interpret=interpret, **blocks))
 
 
 def check(fn, case: RaggedCase, sliding_window=None, dtype=np.float32) -> float:
