@@ -22,9 +22,13 @@ Attention design
   with its own DMAs. For each q block of its sequence it walks only the kv blocks
   that block sees (causal end, sliding-window start) and in each kv block DMAs only
   the pages in range, so pages after a sequence's last one (a padded page table)
-  are never read. K/V blocks are double-buffered: block ``b + 1`` is in flight
-  while block ``b`` is in the online softmax (f32 max / denominator / accumulator;
-  products in the inputs' dtype with f32 sums).
+  are never read. K/V blocks are double-buffered and the DMA queue never drains
+  between blocks: while kv block ``b`` is in the online softmax, the next one is in
+  flight, which is the next kv block of this q block, else the first of the next q
+  block, else the first of the next sequence, i.e. of the next grid step (an SMEM
+  scratch carries "in flight, in slot x" across steps; the sequence axis is
+  sequential and innermost, so the next step runs on the same core). Online softmax
+  in f32 (max, denominator, accumulator); products in the inputs' dtype, f32 sums.
 * Ragged output: a q block is written back as a whole tile. The rows of the
   block past its sequence's end are written as zeros; they belong either to the
   next sequence (whose own blocks, written later in grid order, overwrite them) or

@@ -7,7 +7,10 @@ mixed; page sizes 1, 4, 16, 64; GQA groups 1, 2, 4, 8; lengths crossing page and
 kv-block boundaries; sliding windows; padding sequences and padding tokens
 (zeros). Both the default ``block_sizes`` and small overrides (several q blocks
 per sequence, several kv blocks per q block, so the double buffer turns over)
-are run.
+are run. Most runs use eager DMAs (``dma_execution_mode="eager"``: a copy lands
+when started, so a prefetch into a buffer still in use would corrupt it); the
+prefix-cache, scan and write tests use the default interpret mode
+(``interpret=None``: DMAs land when waited on).
 
 Tolerances: float32 2e-5 (measured max abs error 3.8e-7 over this matrix);
 bfloat16 inputs (bf16 products, f32 sums, bf16 output) 2e-2 against the float64
