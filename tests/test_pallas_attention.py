@@ -23,7 +23,8 @@ sliding window, before the first one its queries see): those pages are poisoned
 with NaN, and their page-table entries point at an out-of-bounds page id, which
 interpret mode refuses to DMA (NaN alone cannot catch a read, since the kernel
 masks K and zeroes V outside the range). Both kernels are also lowered to Mosaic for a
-TPU target (no TPU needed for that half of the compile). File runtime here: 35-65 s on 2 shared cores (about 40 s of CPU).
+TPU target (no TPU needed for that half of the compile). File runtime here:
+35-65 s on 2 shared cores (about 40 s of CPU).
 """
 
 from __future__ import annotations
