@@ -51,6 +51,11 @@ def resolve_backend(name: str, platform: str, cpu_alone: bool) -> str:
     if name == "pallas" and platform not in ("tpu", "cpu"):
         raise ValueError(f"--attention-backend pallas runs on a TPU (or, interpreted, on a "
                          f"CPU), not on {platform}: use native")
+    if name == "pallas" and platform == "cpu" and not cpu_alone:
+        # Interpret mode simulates TPU memory in host callbacks, which crashed XLA under a
+        # mesh of CPU devices.
+        raise ValueError("--attention-backend pallas is interpreted on one CPU device only: "
+                         "drop --tp-size / --ep-size, or use native")
     return name
 
 
