@@ -16,12 +16,15 @@
 // sliding_window of them when that is > 0). Tokens of no sequence get zeros.
 //
 // A unit of work is one decode token, or up to kBlockTokens consecutive tokens of a
-// prefill chunk, with all its heads. It walks its sequence's pages once, in order: a
-// page of one layer is KV x page_size x D contiguous in K and in V, so the unit streams
-// it, and keeps an online softmax per (token, head) (running max, denominator and
-// weighted sum), 16 keys at a time: no scores buffer over the context. Each token of
-// the unit uses a 16-key tile only up to its own position. Units are taken longest
-// first by the threads, so each page is read once per unit.
+// prefill chunk, with all its heads. It walks its sequence's pages once, in order,
+// keeping an online softmax per (token, head) (running max, denominator and weighted
+// sum of values): no scores buffer over the context. A page of one layer is KV x
+// page_size x D contiguous in K and in V; each band of 16 keys of it is read as K of
+// every kv head (scores, max, probabilities), then V of every kv head (the sums), and
+// each token of the unit uses a band only up to its own position. Units go to the
+// threads longest first, so each page is read once per unit. 64 decode tokens x 540
+// keys (SmolLM2's heads, benchmarks/attention_kernels.py): ~30 GB/s of K+V on an idle
+// 2-core machine, its read ceiling, for float32 and float16 caches.
 //
 // bf16_products rounds q, k, v and the probabilities to bfloat16 and keeps every sum
 // in float32 (the reference's ragged_paged_attention(..., bf16_products=True)).
@@ -262,9 +265,9 @@ inline void Values(const TK* v, int64_t a, int64_t b, bool bf16, const float* p,
 template <int C>
 constexpr int kHeadBatch = C >= 8 ? 2 : C >= 4 ? 4 : 8;
 
-#define SGLJAX_BATCHES(call)                                              \
+#define SGLJAX_BATCHES(call, batch)                                       \
   {                                                                       \
-    constexpr int HB = kHeadBatch<C>;                                     \
+    constexpr int HB = batch;                                             \
     int64_t h = 0;                                                        \
     for (; h + HB <= count; h += HB) {                                    \
       call(HB);                                                           \
@@ -293,7 +296,7 @@ inline void AllScores(int64_t count, const float* q, const TK* k, int64_t rows, 
                              p + h * 16, ahead, row_bytes)                                  \
         : Scores<C, n, false>(q + h * D, k, rows, a, b, round_k, bf16, m + h, l + h, acc + h * D, \
                               p + h * 16, ahead, row_bytes))
-  SGLJAX_BATCHES(SGLJAX_CALL)
+  SGLJAX_BATCHES(SGLJAX_CALL, kHeadBatch<C>)
 #undef SGLJAX_CALL
 }
 
@@ -305,7 +308,7 @@ inline void AllValues(int64_t count, const TK* v, int64_t a, int64_t b, bool bf1
 #define SGLJAX_CALL(n)                                                                         \
   (full ? Values<C, n, true>(v, a, b, bf16, p + h * 16, acc + h * D, ahead, row_bytes)        \
         : Values<C, n, false>(v, a, b, bf16, p + h * 16, acc + h * D, ahead, row_bytes))
-  SGLJAX_BATCHES(SGLJAX_CALL)
+  SGLJAX_BATCHES(SGLJAX_CALL, kHeadBatch<C>)
 #undef SGLJAX_CALL
 }
 
@@ -330,9 +333,10 @@ void RunUnitAvx(const Job& j, const Unit& u, Scratch& w) {
   const int32_t* pages = j.table + u.s * j.table_width;
   const int64_t p0 = first / ps, p1 = last / ps, tiles = (ps + 15) / 16;
   w.p.resize(n * j.H * tiles * 16);
-  // Rows are read straight from the cache (widened in registers) when one batch of heads
-  // uses them, else widened once into scratch for all. A float32 cache needs no widening.
-  const bool direct = std::is_same_v<T, float> ? !j.bf16 : (n == 1 && group <= kHeadBatch<C>);
+  // Rows are read straight from the cache (widened or rounded in registers) when one
+  // batch of heads uses them, else widened once into scratch for all of them. A float32
+  // cache needs neither without bf16_products.
+  const bool direct = (std::is_same_v<T, float> && !j.bf16) || (n == 1 && group <= kHeadBatch<C>);
   const bool burst = std::is_same_v<T, float> && n == 1;  // see kFar
   for (int64_t p = p0; p <= p1 && p < p0 + kAhead; ++p) {  // the first pages, into L2
     Prefetch<_MM_HINT_T1>(kbase + pages[p] * page_stride, page_stride * int64_t{sizeof(T)});
