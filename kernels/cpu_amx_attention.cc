@@ -12,9 +12,11 @@
 // probabilities exp(s - max) are taken in float32, summed in float32 for the
 // denominator, and rounded to bfloat16 for P V, whose float32 sums are divided by it.
 //
-// Layouts as cpu_paged_attention.cc (kernels/cpu_paged.h): q (S, Q, H, D) float32 or
-// bfloat16; caches (L, pages, KV, page_size, D) float32, float16 or bfloat16; out (S, Q,
-// H, D) float32. Query (s, i) sees tokens t < min(kv_lens[s], positions[s, i] + 1).
+// Layouts: the ragged step of kernels/paged_attention.py (kernels/cpu_paged.h): q (T, H,
+// D) float32 or bfloat16; caches (L, pages, KV, page_size, D) float32, float16 or
+// bfloat16; page_table (S, P); cu_q_lens (S + 1,); kv_lens (S,); num_seqs (); out (T, H,
+// D) float32. Query token t of sequence s sits at position kv_lens[s] - q_len + (t -
+// cu_q_lens[s]) and sees the keys up to it; tokens of no sequence get zeros.
 // The rows of one (sequence, kv head) are its (query token, head of the group) pairs,
 // token-major. A unit of work is up to 256 of them: K and V are packed once for the
 // unit, for all the keys its latest row sees; then each group of 64 rows (4 row tiles)
@@ -50,10 +52,15 @@ constexpr int64_t kGroupRows = 64;  // rows whose scores are taken together: til
 using sgljax::BF16;
 using sgljax::F16;
 
+struct UnitId {
+  int64_t s, kh, r0;  // rows [r0, r0 + kUnitRows) of (sequence s, kv head kh)
+};
+
 struct Job : sgljax::PagedArgs {  // the caches' element type is the T of Work<TQ, T>
   const void* q;  // TQ
   float* out;
-  int64_t group, rows, blocks;  // rows of one (sequence, kv head) = Q * group; units of them
+  int64_t group;
+  std::vector<UnitId> units;  // rows of one (sequence, kv head): q_len * group
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -179,7 +186,7 @@ struct Unit {
   int64_t g0, gr, grt, gn32;  // the group of rows in hand: [g0, g0 + gr), its tiles, its keys
   int64_t seen[kUnitRows];  // keys each row sees
   const int32_t* pages;
-  int64_t Token(int64_t r, const Job& j) const { return (r0 + r) / j.group; }
+  int64_t Token(int64_t r, const Job& j) const { return j.cu[s] + (r0 + r) / j.group; }
   int64_t Head(int64_t r, const Job& j) const { return kh * j.group + (r0 + r) % j.group; }
 };
 
@@ -188,8 +195,7 @@ void PackQ(const Job& j, const Unit& u, Scratch& w) {  // A tiles; rows past nr 
   const int64_t C = j.D / 32;
   w.qp.assign(u.nrt * C * 512, 0);
   for (int64_t r = 0; r < u.nr; ++r) {
-    const TQ* q = static_cast<const TQ*>(j.q) +
-                  ((u.s * j.Q + u.Token(r, j)) * j.H + u.Head(r, j)) * j.D;
+    const TQ* q = static_cast<const TQ*>(j.q) + (u.Token(r, j) * j.H + u.Head(r, j)) * j.D;
     for (int64_t c = 0; c < C; ++c)
       _mm512_storeu_si512(w.qp.data() + ((r / 16 * C + c) * 16 + r % 16) * 32, Load32(q + c * 32));
   }
@@ -304,7 +310,7 @@ void Weighted(const Job& j, const Unit& u, Scratch& w, const float* inv_sum) {
         StoreC(c, w.c, 64);
         for (int64_t rr = 0; rr < 16 && t * 16 + rr < u.gr; ++rr) {
           const int64_t r = u.g0 + t * 16 + rr;  // row of the unit
-          float* out = j.out + ((u.s * j.Q + u.Token(r, j)) * j.H + u.Head(r, j)) * D;
+          float* out = j.out + (u.Token(r, j) * j.H + u.Head(r, j)) * D;
           _mm512_storeu_ps(out + d0 + c * 16, _mm512_mul_ps(_mm512_loadu_ps(w.c + rr * 16),
                                                             _mm512_set1_ps(inv_sum[t * 16 + rr])));
         }
@@ -316,22 +322,22 @@ void Weighted(const Job& j, const Unit& u, Scratch& w, const float* inv_sum) {
 template <typename TQ, typename T>
 void RunUnit(const Job& j, int64_t index, Scratch& w) {
   Unit u;
-  const int64_t b = index % j.blocks, sk = index / j.blocks;
-  u.kh = sk % j.KV;
-  u.s = sk / j.KV;
-  u.r0 = b * kUnitRows;
-  u.nr = std::min(kUnitRows, j.rows - u.r0);
+  const UnitId& id = j.units[index];
+  u.kh = id.kh;
+  u.s = id.s;
+  u.r0 = id.r0;
+  u.nr = std::min(kUnitRows, j.QLen(u.s) * j.group - u.r0);
   u.nrt = (u.nr + 15) / 16;
   u.pages = j.table + u.s * j.table_width;
   u.n = 0;
   for (int64_t r = 0; r < u.nr; ++r) {
-    const int64_t pos = j.positions[u.s * j.Q + u.Token(r, j)];
+    const int64_t pos = j.Pos(u.s, u.Token(r, j));
     u.seen[r] = std::max<int64_t>(0, std::min<int64_t>(j.kv_lens[u.s], pos + 1));
     u.n = std::max(u.n, u.seen[r]);
   }
   if (u.n == 0) {
     for (int64_t r = 0; r < u.nr; ++r) {
-      float* out = j.out + ((u.s * j.Q + u.Token(r, j)) * j.H + u.Head(r, j)) * j.D;
+      float* out = j.out + (u.Token(r, j) * j.H + u.Head(r, j)) * j.D;
       std::fill(out, out + j.D, 0.0f);
     }
     return;
@@ -348,7 +354,7 @@ void RunUnit(const Job& j, int64_t index, Scratch& w) {
     u.gn32 = (gn + 31) / 32 * 32;
     if (gn == 0) {
       for (int64_t r = u.g0; r < u.g0 + u.gr; ++r) {
-        float* out = j.out + ((u.s * j.Q + u.Token(r, j)) * j.H + u.Head(r, j)) * j.D;
+        float* out = j.out + (u.Token(r, j) * j.H + u.Head(r, j)) * j.D;
         std::fill(out, out + j.D, 0.0f);
       }
       continue;
@@ -363,7 +369,7 @@ template <typename TQ, typename T>
 void Work(Job& j) {
   static thread_local Scratch scratch;
   sgljax::ConfigureTiles();
-  const int64_t units = j.S * j.KV * j.blocks;
+  const int64_t units = static_cast<int64_t>(j.units.size());
   for (int64_t u; (u = j.next.fetch_add(1)) < units;) {
     RunUnit<TQ, T>(j, u, scratch);
     j.done.fetch_add(1, std::memory_order_release);
@@ -373,11 +379,12 @@ void Work(Job& j) {
 
 ffi::Error AmxAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                         ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> layer,
-                        ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> positions,
-                        ffi::Buffer<ffi::S32> kv_lens, ffi::ResultBuffer<ffi::F32> out) {
+                        ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> cu_q_lens,
+                        ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> num_seqs,
+                        ffi::ResultBuffer<ffi::F32> out) {
   auto job = std::make_shared<Job>();
   if (auto err = sgljax::ReadPagedArgs("amx attention", q.dimensions(), k_cache, v_cache,
-                                       layer, page_table, positions, kv_lens, *job);
+                                       layer, page_table, cu_q_lens, kv_lens, num_seqs, *job);
       !err.success()) {
     return err;
   }
@@ -390,9 +397,15 @@ ffi::Error AmxAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   job->q = q.untyped_data();
   job->out = out->typed_data();
   job->group = job->H / job->KV;
-  job->rows = job->Q * job->group;
-  job->blocks = (job->rows + kUnitRows - 1) / kUnitRows;
-  const int64_t units = job->S * job->KV * job->blocks;
+  const int64_t HD = job->H * job->D;
+  std::fill(job->out, job->out + job->RealBegin() * HD, 0.0f);  // padding tokens
+  std::fill(job->out + job->RealEnd() * HD, job->out + job->T * HD, 0.0f);
+  for (int64_t s = 0; s < job->num_seqs; ++s) {
+    const int64_t rows = job->QLen(s) * job->group;
+    for (int64_t kh = 0; kh < job->KV; ++kh)
+      for (int64_t r0 = 0; r0 < rows; r0 += kUnitRows) job->units.push_back({s, kh, r0});
+  }
+  const int64_t units = static_cast<int64_t>(job->units.size());
   if (units == 0) return ffi::Error::Success();
   sgljax::WithCacheType(job->kv_type, [&](auto element) {
     using T = decltype(element);
@@ -414,8 +427,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SgljaxAmxAttention, AmxAttention,
                                   .Arg<ffi::AnyBuffer>()  // v_cache
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer
                                   .Arg<ffi::Buffer<ffi::S32>>()  // page_table
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cu_q_lens
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_seqs
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" int SgljaxAmxAttentionSupported() { return sgljax::AmxUsable(); }
