@@ -40,7 +40,7 @@ def resolve_backend(name: str, platform: str, cpu_alone: bool) -> str:
     if name == "auto":
         if platform == "tpu":
             return "pallas"
-        return "native"  # TMP-RAGGED until the C++ kernels take the ragged layout
+        return "cpu" if cpu_alone and cpu_paged_attention.available() else "native"
     if name == "cpu":
         if not cpu_alone:
             raise ValueError(f"--attention-backend cpu runs on one CPU device, not on "

@@ -171,7 +171,3 @@ def write_kv(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array, slots: ja
     v_cache = v_cache.at[layer, page, :, offset].set(v_new.astype(v_cache.dtype))
     return k_cache, v_cache
 
-
-def visible_mask(key_pos, positions, kv_lens):  # TMP-RAGGED: the old AMX reference's
-    return ((key_pos[None, None, :] <= positions[:, :, None])
-            & (key_pos[None, None, :] < kv_lens[:, None, None]))

@@ -227,10 +227,7 @@ def test_bad_arguments_are_errors_not_wild_reads():
 @pytest.mark.parametrize("dtype,kv_dtype", [("float32", "auto"), ("bfloat16", "auto"),
                                             ("float32", "float16"), ("bfloat16", "float16")])
 def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype, kv_dtype):
-    try:
-        from sgljax.engine.engine import Engine
-    except ImportError as e:  # the engine moves to the ragged contract on its own branch
-        pytest.skip(f"engine not importable with the ragged kernels yet: {e}")
+    from sgljax.engine.engine import Engine
     from sgljax.engine.sampling_params import SamplingParams
 
     prompts = [[5, 9, 13, 200 + i] * (3 + 4 * i) for i in range(5)]
@@ -244,15 +241,18 @@ def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype, kv
         outs = engine.generate(prompts, params)
         runner = engine.runner
         assert runner.k_cache.dtype == (jnp.float16 if kv_dtype == "float16" else jnp.float32)
-        return (runner.attention_kernel, runner.linear_kernel), outs
+        return (runner.kernels, runner.linear_kernel), outs
 
     used, with_kernel = run()
-    assert used[0] is not None
+    assert used[0].backend == "cpu"
     matmul = cpu_linear if dtype == "float32" else cpu_amx_linear
     assert (used[1] is not None) == matmul.available()
+    vector = used[0].attention
     if dtype == "bfloat16" and cpu_amx_attention.available():
-        assert used[0].chunk is cpu_amx_attention.amx_attention
-        assert used[0].decode is kernel.cpu_paged_attention
+        assert vector.chunk is cpu_amx_attention.amx_attention
+        vector = vector.decode
+    assert vector.func is kernel.cpu_paged_attention
+    assert vector.keywords == {"bf16_products": dtype == "bfloat16"}
     kernel.cpu_build.load.cache_clear()
     monkeypatch.setenv("SGLJAX_DISABLE_CPU_KERNELS", "1")
     try:
@@ -260,8 +260,12 @@ def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype, kv
     finally:
         kernel.cpu_build.load.cache_clear()
     # Without kernels: XLA's dots, and pure-JAX attention (bf16 products for bf16 weights).
-    assert unused[1] is None
-    assert unused[0] is None if dtype == "float32" else unused[0].chunk.func is ragged_paged_attention
+    assert unused[1] is None and unused[0].backend == "native"
+    if dtype == "float32":
+        assert unused[0].attention is ragged_paged_attention
+    else:
+        assert unused[0].attention.func is ragged_paged_attention
+        assert unused[0].attention.keywords == {"bf16_products": True}
     if dtype == "float32":
         assert [o["token_ids"] for o in with_kernel] == [o["token_ids"] for o in without]
     else:  # bf16 rounding of intermediates can break a near tie the other way

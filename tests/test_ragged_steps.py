@@ -68,11 +68,11 @@ def test_every_attention_backend_gives_the_same_greedy_tokens(tiny_models):
     prompts = _prompts([11, 3, 26], seed=3)
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     outs = {}
-    for backend in ("native", "pallas"):  # TMP-RAGGED cpu
+    for backend in ("native", "pallas", "cpu"):
         eng = _engine(tiny_models["qwen3"], attention_backend=backend, disable_radix_cache=True)
         assert eng.runner.kernels.backend == backend
         outs[backend] = [o["token_ids"] for o in eng.generate(prompts, params)]
-    assert outs["pallas"] == outs["native"]  # TMP-RAGGED
+    assert outs["pallas"] == outs["native"] == outs["cpu"]
     assert all(len(t) == 5 for t in outs["native"])
 
 
