@@ -8,7 +8,8 @@ Every backend takes the ragged contract of kernels/paged_attention.py:
   but exact, so a whole server can be tested with them on a CPU.
 - ``cpu``: the C++ kernels of kernels/cpu_*.py through the XLA FFI, on one CPU device.
 
-``auto`` picks pallas on a TPU, cpu on one CPU device where the C++ kernels build,
+``auto`` (the names are declared with the flag, engine/args.py) picks pallas on a TPU,
+cpu on one CPU device where the C++ kernels build,
 native elsewhere (a GPU: ``--device cuda --attention-backend native``).
 """
 
@@ -21,7 +22,6 @@ from functools import partial
 import jax
 from jax.sharding import PartitionSpec as P
 
-from sgljax.engine.args import ATTENTION_BACKENDS  # noqa: F401  (declared with the flag)
 from sgljax.engine.mesh import TP
 from sgljax.kernels import cpu_paged_attention
 from sgljax.kernels.paged_attention import ragged_paged_attention, write_kv
