@@ -143,7 +143,7 @@ def test_jax_platforms_proxy_env_selects_pathways(monkeypatch):
     ({"device": "proxy", "nnodes": 2}, "drop --nnodes 2"),
     ({"controller": "pathways", "nnodes": 2}, "one controller for the whole slice"),
     ({"controller": "pathways", "device": "cpu"}, "not --device cpu"),
-    ({"device": "npu"}, "--device must be one of auto, cpu, tpu, gpu, proxy"),
+    ({"device": "npu"}, "--device must be one of auto, cpu, tpu, cuda, gpu, proxy"),
     ({"controller": "single"}, "--controller must be one of multi, pathways"),
     ({"device": "proxy", "device_discovery_timeout": -1}, "--device-discovery-timeout"),
 ])
