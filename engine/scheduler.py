@@ -31,6 +31,9 @@ from sgljax.engine.prefix_cache import PrefixCache
 from sgljax.engine.request import Sequence, Status
 
 
+MIN_FILLED = 64  # token buckets from here up are filled exactly (Scheduler._fill_bucket)
+
+
 @dataclass
 class SchedulerConfig:
     page_size: int
@@ -204,6 +207,8 @@ class Scheduler:
             budget -= n
             admitted += 1
             prefills += 1
+        if len(seqs) > len(decodes):
+            self._fill_bucket(chunks, len(decodes))
         if not seqs:
             if len(self.running) > 1 and all(s.is_prefilling for s in self.running):
                 # Partial prompts hold the pool between them and none can grow: the
@@ -212,6 +217,20 @@ class Scheduler:
                 return self.schedule()
             return None
         return ScheduledBatch(seqs, chunks, num_decodes=len(decodes))
+
+    def _fill_bucket(self, chunks: list[int], num_decodes: int) -> None:
+        """Shorten the last prompt chunk so the step fills its token bucket instead of
+        spilling just past one: 15 decodes beside a 256-token prompt would pad to 512
+        tokens; 241 of the prompt's now, its last 15 in the next step. Steps of fewer than
+        ``MIN_FILLED`` tokens are left as they are: reading the weights is their cost."""
+        total = sum(chunks)
+        buckets = [b for b in self.plan.token_buckets if b <= total]
+        if not buckets or total in self.plan.token_buckets:
+            return
+        fill = buckets[-1]
+        cut = min(total - fill, chunks[-1] - 1)
+        if fill >= MIN_FILLED and fill > num_decodes and cut > 0:
+            chunks[-1] -= cut
 
     def _schedule_decodes(self) -> list[Sequence]:
         """Running sequences past their prompt, each with a page for its next token; the

@@ -204,3 +204,24 @@ def test_a_token_landing_after_its_sequence_ended_is_dropped():
     assert s.finished
     assert sched.landed(step_n1) == []  # step N+1's token is dropped
     assert s.output_ids == [5, 9] and s.num_pending == 0
+
+
+def test_a_prompt_chunk_fills_the_bucket_beside_decodes():
+    """15 decodes and a 256-token prompt would pad to a 512-token step: the prompt's chunk
+    is cut to fill 256 exactly, and its rest goes in the next step."""
+    pool = PagePool(1024)
+    plan = BucketPlan.plan(max_running=16, chunked_prefill_size=512, max_pages_per_seq=128,
+                           page_size=PAGE)
+    cfg = SchedulerConfig(page_size=PAGE, max_running_requests=16, chunked_prefill_size=512,
+                          context_length=512, new_seqs_per_prefill=1)
+    sched = Scheduler(cfg, pool, NoPrefixCache(), plan)
+    decoders = [seq([i + 1] * 3, max_tokens=50, rid=f"d{i}") for i in range(15)]
+    for s in decoders:
+        sched.add(s)
+    while any(not s.output_ids for s in decoders):
+        run_step(sched)
+    sched.add(seq(range(1000, 1256), rid="long"))
+    batch = run_step(sched)
+    assert batch.num_decodes == 15 and batch.chunk_lens == [1] * 15 + [241]
+    batch = run_step(sched)
+    assert batch.chunk_lens == [1] * 15 + [15] and batch.samples[-1]
