@@ -83,7 +83,8 @@ def _build_requests(a: dict, tokenizer):
 async def _run(a: dict, console) -> tuple[dict, dict, list, float, float]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sgljax.cli.bench_client import (Backend, fetch_server_info, make_client, run_requests)
+    from sgljax.cli.bench_client import (Backend, fetch_server_info, fetch_spec_counters,
+                                         make_client, run_requests, spec_accept_length)
     from sgljax.cli.bench_datasets import BenchError, find_tokenizer
     from sgljax.cli.bench_report import compute_metrics
 
@@ -106,11 +107,13 @@ async def _run(a: dict, console) -> tuple[dict, dict, list, float, float]:
                       TextColumn("requests"), TimeElapsedColumn(), console=console,
                       transient=False) as progress:
             task = progress.add_task("requests", total=len(requests))
+            spec_before = await fetch_spec_counters(client)
             t0 = time.perf_counter()
             results = await run_requests(client, backend, requests, a["request_rate"],
                                          a["max_concurrency"], a["seed"],
                                          on_done=lambda _: progress.advance(task))
             duration = time.perf_counter() - t0
+            spec_after = await fetch_spec_counters(client)
     missing_usage = 0
     for r in results:
         if r.ok and r.completion_tokens is None:  # no usage from the server: count ourselves
@@ -132,6 +135,7 @@ async def _run(a: dict, console) -> tuple[dict, dict, list, float, float]:
                       suffix_len=a["suffix_len"])
     metrics = compute_metrics(results, duration, t0, ignore_eos=not a["disable_ignore_eos"])
     metrics["usage_missing"] = missing_usage
+    metrics["spec_accept_length"] = spec_accept_length(spec_before, spec_after)
     return config, metrics, results, t0, duration
 
 

@@ -221,3 +221,28 @@ async def fetch_server_info(client: httpx.AsyncClient, base_url: str) -> tuple[l
     except (httpx.HTTPError, ValueError):
         info = None
     return names, info
+
+
+SPEC_COUNTERS = ("spec_verify_rows", "spec_accepted_tokens", "spec_draft_tokens")
+
+
+async def fetch_spec_counters(client: httpx.AsyncClient) -> dict | None:
+    """An sgljax server's speculative-decoding counters (``/get_server_info``), or None."""
+    try:
+        r = await client.get("/get_server_info", timeout=15.0)
+        states = r.json().get("internal_states", {}) if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    if not isinstance(states, dict) or not all(k in states for k in SPEC_COUNTERS):
+        return None
+    return {k: states[k] for k in SPEC_COUNTERS}
+
+
+def spec_accept_length(before: dict | None, after: dict | None) -> float | None:
+    """Tokens a decode row with drafts emitted on average between two readings."""
+    if before is None or after is None:
+        return None
+    rows = after["spec_verify_rows"] - before["spec_verify_rows"]
+    if rows <= 0:
+        return None
+    return 1 + (after["spec_accepted_tokens"] - before["spec_accepted_tokens"]) / rows

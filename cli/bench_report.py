@@ -159,6 +159,8 @@ def result_table(config: dict, m: dict):
         ("Cached-token hit rate", "n/a" if m["cache_hit_rate"] is None
          else f"{m['cache_hit_rate']:.1%}"),
     ]
+    if m.get("spec_accept_length") is not None:  # sgljax with speculative decoding
+        rows.append(("Speculative accept length", _fmt(m["spec_accept_length"])))
     for k, v in rows:
         table.add_row(k, str(v))
     for key, title in LATENCIES:

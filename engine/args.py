@@ -14,9 +14,12 @@ DEVICES = ("auto", "cpu", "tpu", "cuda", "gpu", "proxy")  # cuda: sglang-jax's n
 ATTENTION_BACKENDS = ("auto", "native", "pallas", "cpu")  # engine/attention_backend.py
 CONTROLLERS = ("multi", "pathways")
 MOE_BACKENDS = ("dense", "grouped")  # engine/moe.py's MOE_BACKENDS
+SPECULATIVE_ALGORITHMS = ("NGRAM",)  # engine/ngram.py; EAGLE and EAGLE3 are not built yet
 POSITIVE_INTS = ("tp_size", "ep_size", "page_size", "max_running_requests", "chunked_prefill_size",
                  "max_prefill_seqs", "new_seqs_per_prefill", "context_length",
-                 "max_total_tokens", "nnodes")
+                 "max_total_tokens", "nnodes", "speculative_num_draft_tokens",
+                 "speculative_ngram_min_match_window_size",
+                 "speculative_ngram_max_match_window_size")
 
 
 def coarse_floor(n: int) -> int:
@@ -87,6 +90,16 @@ class EngineArgs:
     disable_overlap_schedule: bool = _flag(
         False, "Prepare each step only after the last one lands (else the host prepares "
         "step N+1 while step N runs).")
+    speculative_algorithm: str | None = _flag(
+        None, "Speculative decoding: NGRAM (prompt lookup: draft tokens copied from where the "
+        "request's last tokens occurred before in its prompt or output; no draft model). "
+        "Every decode step verifies the drafts; lossless, greedy or sampled.")
+    speculative_num_draft_tokens: int = _flag(
+        4, "Speculative decoding: draft tokens verified a decode step at most.")
+    speculative_ngram_min_match_window_size: int = _flag(
+        1, "NGRAM: the shortest run of last tokens looked up.")
+    speculative_ngram_max_match_window_size: int = _flag(
+        4, "NGRAM: the longest run of last tokens looked up (the longest match wins).")
     schedule_policy: str = _flag("fcfs", "fcfs (first come, first served) or lpm (longest "
                                  "cached prefix first).")
     random_seed: int | None = _flag(None, "Seed of the sampling of requests that set none.")
@@ -147,6 +160,16 @@ class EngineArgs:
         _one_of("controller", self.controller, CONTROLLERS)
         _one_of("moe_backend", self.moe_backend, MOE_BACKENDS)
         _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.speculative_algorithm is not None:
+            self.speculative_algorithm = self.speculative_algorithm.upper()
+            if self.speculative_algorithm in ("EAGLE", "EAGLE3"):
+                raise ValueError(f"--speculative-algorithm {self.speculative_algorithm} is not "
+                                 "built yet; NGRAM is")
+            _one_of("speculative_algorithm", self.speculative_algorithm, SPECULATIVE_ALGORITHMS)
+        if (self.speculative_ngram_min_match_window_size
+                > self.speculative_ngram_max_match_window_size):
+            raise ValueError("--speculative-ngram-min-match-window-size must not exceed "
+                             "--speculative-ngram-max-match-window-size")
         for name in POSITIVE_INTS:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -185,6 +208,11 @@ class EngineArgs:
             if not host or not port.isdigit() or not 0 < int(port) < 65535:
                 raise ValueError(f"--dist-init-addr must be HOST:PORT (a port below 65535: "
                                  f"the next one is also used), not {self.dist_init_addr!r}")
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Draft tokens a decode row verifies at most (0: no speculative decoding)."""
+        return self.speculative_num_draft_tokens if self.speculative_algorithm else 0
 
     @property
     def pathways(self) -> bool:

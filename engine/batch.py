@@ -29,6 +29,12 @@ class ScheduledBatch:
     # Per row, set when the step is launched: does it sample the sequence's next token
     # (False for a prompt chunk that does not reach the end of the prompt)?
     samples: list[bool] = field(default_factory=list)
+    # Speculative decoding: the draft tokens each decode row feeds after its last token
+    # (its chunk is 1 + len(drafts)); empty without speculation (engine/speculative.py).
+    drafts: list[list[int]] = field(default_factory=list)
+
+    def drafts_of(self, row: int) -> list[int]:
+        return self.drafts[row] if row < len(self.drafts) else []
 
     @property
     def num_tokens(self) -> int:
@@ -50,7 +56,9 @@ class StepBatch:
     cu_q_lens: jax.Array  # (S + 1,) int32 where each sequence's tokens start
     kv_lens: jax.Array  # (S,) int32 cached tokens per sequence after this step (padding 0)
     num_seqs: jax.Array  # () int32 sequences in use
-    last_index: jax.Array  # (S,) int32 index in T of the token each sequence samples from
+    # (S,) int32 index in T of the token each sequence samples from; with speculative
+    # decoding (S, k + 1): the positions of its last token and its k draft slots.
+    last_index: jax.Array
     # (S,) int32: the row of the previous step whose sampled token is this sequence's first
     # input token (the overlap schedule packs a step before the host knows that token), or -1.
     prev_rows: jax.Array
@@ -60,6 +68,10 @@ class StepBatch:
     # positions take the audio encoder's outputs). Part of the step's bucket key.
     embeds: jax.Array | None = None
     embed_mask: jax.Array | None = None
+    # Speculative decoding (every step of an engine with it; None otherwise): (S, k) int32
+    # draft tokens each row verifies, and (S,) int32 how many of them are real.
+    drafts: jax.Array | None = None
+    num_drafts: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -33,7 +33,8 @@ from sgljax.engine.grammar import GrammarCompiler
 from sgljax.engine.generation_defaults import read_generation_defaults
 from sgljax.engine.distributed import Follower, Leader, channel_address, init_distributed
 from sgljax.engine.batch import ScheduledBatch
-from sgljax.engine.model_runner import Launched, ModelRunner, needs_logit_adjust, unflatten_step
+from sgljax.engine.model_runner import Launched, ModelRunner, unflatten_step
+from sgljax.engine.ngram import NgramDrafter
 from sgljax.engine.outputs import Completion, EngineStats, RequestOutput
 from sgljax.engine.pathways import init_backend
 from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
@@ -65,6 +66,24 @@ class InFlight:
     """A launched step whose tokens the host has not seen yet."""
     sched: ScheduledBatch
     launched: Launched
+    launched_at: float = 0.0  # time.perf_counter() at launch
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding so far: rows that verified drafts, drafts, drafts kept, and
+    the time of the steps that verified them."""
+    verify_rows: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_seconds: float = 0.0
+
+    def landed(self, sched: ScheduledBatch, out, seconds: float) -> None:
+        rows = [i for i, d in enumerate(sched.drafts) if d]
+        self.verify_rows += len(rows)
+        self.draft_tokens += sum(len(sched.drafts[i]) for i in rows)
+        self.accepted_tokens += int(sum(out.accepted[i] for i in rows))
+        self.verify_seconds += seconds
 
 
 class Engine:
@@ -122,10 +141,16 @@ class Engine:
             page_size=ps, max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
             schedule_policy=args.schedule_policy, new_seqs_per_prefill=new_per_prefill,
-            max_prefill_seqs=args.max_prefill_seqs), self.pool, self.prefix_cache, self.plan)
+            max_prefill_seqs=args.max_prefill_seqs), self.pool, self.prefix_cache, self.plan,
+            drafter=NgramDrafter(args.num_draft_tokens,
+                                 args.speculative_ngram_min_match_window_size,
+                                 args.speculative_ngram_max_match_window_size)
+            if args.num_draft_tokens else None)
         self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan, act_dtype, executable_cache=(
             ExecutableCache(cache_dir, self.mesh) if cache_dir is not None else None),
-            moe_backend=args.moe_backend, attention_backend=args.attention_backend)
+            moe_backend=args.moe_backend, attention_backend=args.attention_backend,
+            num_draft_tokens=args.num_draft_tokens)
+        self.spec = SpecStats()
         self._leader = self._follower = None
         if args.nnodes > 1:
             addr = channel_address(args.dist_init_addr)
@@ -233,9 +258,9 @@ class Engine:
         runs step N (step N+1's decode rows take their input tokens from step N on the
         device), then lands step N (copies its tokens, detokenizes, checks stops) while
         the device runs step N+1. A sequence that step N ends (EOS, a stop string) is
-        already in step N+1: that one extra token is dropped. Penalties and grammars need
-        every token on the host, so while a running request has them each step lands at
-        once.
+        already in step N+1: that one extra token is dropped. Penalties, grammars and
+        speculative decoding's drafts need every token on the host, so while a running
+        request has them (or speculation is on) each step lands at once.
         """
         results = []
         prepare_started = time.monotonic()
@@ -257,9 +282,8 @@ class Engine:
         return results
 
     def _may_overlap(self) -> bool:
-        return not self.args.disable_overlap_schedule and not any(
-            needs_logit_adjust(s.params) or s.grammar is not None
-            for s in self.scheduler.running)
+        return not (self.args.disable_overlap_schedule or self.args.num_draft_tokens) and not any(
+            s.params.adjusts_logits or s.grammar is not None for s in self.scheduler.running)
 
     def _pop_in_flight(self) -> InFlight:
         in_flight, self._in_flight = self._in_flight, None
@@ -272,7 +296,7 @@ class Engine:
             tuple(s.rid for s in self.scheduler.running
                   if not s.is_prefilling and not s.length_done), launched.shape))
         self.scheduler.launched(sched)
-        return InFlight(sched, launched)
+        return InFlight(sched, launched, time.perf_counter())
 
     def step_log(self) -> list[StepRecord]:
         """The last ``STEP_LOG`` steps launched, oldest first."""
@@ -281,24 +305,31 @@ class Engine:
     def _land(self, in_flight: InFlight) -> list[RequestOutput]:
         out = self.runner.fetch(in_flight.launched)
         self.clock.landed()
-        results = []
-        for i, seq in self.scheduler.landed(in_flight.sched):
-            tok = int(out.tokens[i])
+        sched, results = in_flight.sched, []
+        if any(sched.drafts):
+            self.spec.landed(sched, out, time.perf_counter() - in_flight.launched_at)
+        for i, seq in self.scheduler.landed(sched):
             detok = self._detok[seq.rid]
-            text = detok.add(tok)  # detokenize; the detokenizer also finds stop strings
-            logprob, top = None, []
-            if seq.params.logprobs:
-                logprob, k = float(out.logprobs[i]), seq.params.top_logprobs
-                top = [(int(a), float(b)) for a, b in zip(out.top_ids[i, :k],
-                                                          out.top_logprobs[i, :k])]
-            self.scheduler.append_token(seq, tok, logprob, top, detok.stopped_by)
+            text, toks, logprobs, tops = "", [], [], []
+            # One token, or (speculative decoding) the drafts the target kept and one more.
+            for j, (tok, logprob, top_ids, top_lps) in enumerate(out.emitted(i)):
+                text += detok.add(tok)  # detokenize; the detokenizer also finds stop strings
+                if seq.params.logprobs:
+                    k = seq.params.top_logprobs
+                    logprobs.append(logprob)
+                    tops.append([(int(a), float(b)) for a, b in zip(top_ids[:k], top_lps[:k])])
+                self.scheduler.append_token(seq, tok, logprobs[-1] if logprobs else None,
+                                            tops[-1] if tops else None, detok.stopped_by,
+                                            kept_draft=j > 0)
+                toks.append(tok)
+                if seq.finished:
+                    break
             if seq.finished:
                 text += detok.flush()
                 del self._detok[seq.rid]
             results.append(RequestOutput(
-                seq.rid, text, [tok], seq.finished, seq.finish_reason, seq.matched_stop,
-                [logprob] if logprob is not None else [], [top] if logprob is not None else [],
-                len(seq.prompt_ids), len(seq.output_ids), seq.num_cached_prompt))
+                seq.rid, text, toks, seq.finished, seq.finish_reason, seq.matched_stop,
+                logprobs, tops, len(seq.prompt_ids), len(seq.output_ids), seq.num_cached_prompt))
         return results
 
     # -- the offline API -----------------------------------------------------------
@@ -443,6 +474,10 @@ class Engine:
             prefix_cache_pages=self.prefix_cache.num_pages,
             cache_hit_rate=self.prefix_cache.hit_rate(),
             compiles_after_warmup=self.compiles_since_warmup(), healthy=self.healthy,
+            spec_verify_rows=self.spec.verify_rows, spec_draft_tokens=self.spec.draft_tokens,
+            spec_accepted_tokens=self.spec.accepted_tokens,
+            spec_draft_seconds=self.scheduler.draft_seconds,
+            spec_verify_seconds=self.spec.verify_seconds,
             **({} if self.audio is None else dict(
                 audio_clips_encoded=self.audio.clips_encoded,
                 audio_encoder_calls=self.audio.runner.calls,

@@ -281,6 +281,6 @@ def forward(cfg: ModelConfig, kv_heads: int, top: Weights,
     if layer_ids is None:
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     h, k_cache, v_cache = run_layers(ctx, layers, layer_ids, (h, k_cache, v_cache))
-    last = h[:, batch.last_index]  # (D, S): only the tokens we sample from
+    last = h[:, batch.last_index.reshape(-1)]  # (D, S) or (D, S * (k + 1)): the sampled tokens
     last = rms_norm_features(last, top["final_norm"], cfg.rms_norm_eps)
     return lm_head(cfg, top, last, linear_kernel), k_cache, v_cache

@@ -38,22 +38,36 @@ from sgljax.engine.model import Decoder, forward
 from sgljax.engine.weight_forms import fuse_projections, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
+from sgljax.engine.speculative import verify
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class StepOutput:
-    tokens: np.ndarray  # (S,) sampled token per sequence (ignore rows whose prefill is unfinished)
-    logprobs: np.ndarray  # (S,)
-    top_ids: np.ndarray  # (S, 20)
-    top_logprobs: np.ndarray  # (S, 20)
+    """Sampled tokens per sequence row (ignore rows whose prefill is unfinished). With
+    speculative decoding each field has a position axis after the row's, and row ``i``
+    emits its first ``accepted[i] + 1`` positions (``emitted``)."""
+    tokens: np.ndarray  # (S,) or (S, k + 1)
+    logprobs: np.ndarray  # (S,) or (S, k + 1)
+    top_ids: np.ndarray  # (S, 20) or (S, k + 1, 20)
+    top_logprobs: np.ndarray  # (S, 20) or (S, k + 1, 20)
+    accepted: np.ndarray | None = None  # (S,) draft tokens kept
+
+    def emitted(self, row: int) -> list[tuple[int, float, np.ndarray, np.ndarray]]:
+        """(token, logprob, top ids, top logprobs) of each token row ``row`` emits."""
+        if self.accepted is None:
+            return [(int(self.tokens[row]), float(self.logprobs[row]), self.top_ids[row],
+                     self.top_logprobs[row])]
+        return [(int(self.tokens[row, j]), float(self.logprobs[row, j]),
+                 self.top_ids[row, j], self.top_logprobs[row, j])
+                for j in range(int(self.accepted[row]) + 1)]
 
 
 @dataclass
 class Launched:
     """A dispatched step, still running or done: its outputs on the device."""
-    outputs: tuple  # tokens, logprobs, top ids, top logprobs
+    outputs: tuple  # tokens, logprobs, top ids, top logprobs (, accepted drafts)
     shape: tuple = ()  # the step's (tokens, sequences) bucket
 
 
@@ -72,16 +86,25 @@ def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, weights
     logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
                                        layer_ids, kernels.attention, linear_kernel, act_dtype,
                                        moe_backend, kernels.write_kv)
-    out = sample(logits, sbatch, adjust, grammar)
-    last_tokens = jax.lax.dynamic_update_slice(last_tokens, out[0], (0,))
+    if batch.drafts is None:
+        out = sample(logits, sbatch, adjust, grammar)
+        last = out[0]
+    else:  # speculative decoding: every row's last token and drafts, verified
+        out = verify(logits, batch.drafts, batch.num_drafts, sbatch, adjust, grammar)
+        tokens, accepted = out[0], out[4]
+        last = jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
+    last_tokens = jax.lax.dynamic_update_slice(last_tokens, last, (0,))
     return out, last_tokens, k_cache, v_cache
 
 
 class ModelRunner:
     def __init__(self, model: Decoder, mesh, kv_spec: KVCacheSpec, plan: BucketPlan,
                  act_dtype=None, executable_cache: ExecutableCache | None = None,
-                 moe_backend: str = "grouped", attention_backend: str = "auto"):
+                 moe_backend: str = "grouped", attention_backend: str = "auto",
+                 num_draft_tokens: int = 0):
         self.mesh = mesh
+        # Speculative decoding: every step verifies up to this many drafts a decode row.
+        self.num_draft_tokens = num_draft_tokens
         self.kv_spec = kv_spec
         self.plan = plan
         self.page_size = kv_spec.page_size
@@ -124,8 +147,8 @@ class ModelRunner:
         self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, act_dtype,
                                      self.kernels, self.linear_kernel, moe_backend),
                              donate_argnums=(1, 2, 3),
-                             out_shardings=((replicated,) * 4, replicated, kv_sharding,
-                                            kv_sharding))
+                             out_shardings=((replicated,) * (5 if num_draft_tokens else 4),
+                                            replicated, kv_sharding, kv_sharding))
         self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers
         self._zero_adjust: dict[int, LogitAdjust] = {}
         self._open_grammar: dict[int, GrammarMask] = {}
@@ -148,14 +171,22 @@ class ModelRunner:
         page_table = np.zeros((S, P), np.int32)
         cu_q_lens = np.full((S + 1,), sched.num_tokens, np.int32)
         kv_lens = np.zeros((S,), np.int32)
-        last_index = np.zeros((S,), np.int32)
+        K = self.num_draft_tokens
+        last_index = np.zeros((S, K + 1) if K else (S,), np.int32)
+        drafts = np.zeros((S, K), np.int32)
+        num_drafts = np.zeros((S,), np.int32)
         prev_rows = np.full((S,), -1, np.int32)
         at = 0
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
             start = seq.num_computed
             pos = np.arange(start, start + n, dtype=np.int32)
             pages = np.asarray(seq.pages, np.int32)
-            known = seq.all_ids[start:start + n]
+            draft = sched.drafts_of(i)
+            known = seq.all_ids[start:start + n - len(draft)] + draft
+            if draft:  # a verify row: its last token, then the drafts, each sampled from
+                drafts[i, :len(draft)] = draft
+                num_drafts[i] = len(draft)
+                last_index[i] = at + np.minimum(np.arange(K + 1), len(draft))
             if len(known) < n:  # the newest token is the previous step's, still on the device
                 assert n == 1 and seq.num_pending == 1, (seq.rid, n, seq.num_pending)
                 prev_rows[i] = self._last_rows[seq.rid]
@@ -167,9 +198,12 @@ class ModelRunner:
             cu_q_lens[i] = at
             kv_lens[i] = start + n
             at += n
-            last_index[i] = at - 1
+            if not draft:
+                last_index[i] = at - 1
         batch = StepBatch(tokens, positions, slots, page_table, cu_q_lens, kv_lens,
                           np.asarray(len(sched.seqs), np.int32), last_index, prev_rows)
+        if K:
+            batch.drafts, batch.num_drafts = drafts, num_drafts
         if any(s.audio_embeds is not None for s in sched.seqs):
             embeds, mask = pack_audio_embeds(sched, T, self.model.cfg.hidden_size)
             if mask.any():  # a chunk covers audio placeholders: the step's audio form
@@ -205,7 +239,7 @@ class ModelRunner:
         return jax.tree.map(lambda x: global_array(np.asarray(x), sharding), tree)
 
     def _adjust(self, seqs: list[Sequence], S: int) -> LogitAdjust | None:
-        if not any(needs_logit_adjust(s.params) for s in seqs):
+        if not any(s.params.adjusts_logits for s in seqs):
             return None  # the step uses the zeros kept on the device
         V = self.vocab_size
         bias = np.zeros((S, V), np.float32)
@@ -314,8 +348,11 @@ class ModelRunner:
         ``embeds``: its form with an embedding override (audio prompts)."""
         t0 = time.perf_counter()
         z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        K = self.num_draft_tokens
         batch = StepBatch(z(T), z(T), z(T), z(S, P), z(S + 1), z(S), np.asarray(0, np.int32),
-                          z(S), np.full(S, -1, np.int32))
+                          z(S, K + 1) if K else z(S), np.full(S, -1, np.int32))
+        if K:
+            batch.drafts, batch.num_drafts = z(S, K), z(S)
         if embeds:
             batch.embeds = np.zeros((T, self.model.cfg.hidden_size), np.float32)
             batch.embed_mask = np.zeros((T,), bool)
@@ -330,12 +367,6 @@ class ModelRunner:
             self.broadcast("compile", flatten_step(batch, sbatch, None, None))
         self._executable(batch, sbatch, self._device_adjust(batch, None),
                          self._device_grammar(batch, None))
-
-
-def needs_logit_adjust(p) -> bool:
-    """Penalties, logit_bias or min_tokens: the host folds them into the logits."""
-    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
-                or p.logit_bias or p.min_tokens)
 
 
 def pack_audio_embeds(sched: ScheduledBatch, T: int, hidden: int):

@@ -77,6 +77,20 @@ class EngineStats:
     audio_clips_encoded: int = 0
     audio_encoder_calls: int = 0
     unwarmed_audio_shapes: int = 0
+    # Speculative decoding: decode rows that verified drafts, draft tokens proposed and
+    # kept, host seconds proposing them, seconds of the steps that verified them.
+    spec_verify_rows: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_draft_seconds: float = 0.0
+    spec_verify_seconds: float = 0.0
+
+    @property
+    def spec_accept_length(self) -> float:
+        """Tokens a decode row with drafts emits on average (1 + drafts kept; 0: none)."""
+        if not self.spec_verify_rows:
+            return 0.0
+        return 1 + self.spec_accepted_tokens / self.spec_verify_rows
 
     @property
     def kv_usage(self) -> float:

@@ -57,6 +57,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties, logit_bias or min_tokens: the host folds them into the logits."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1 or self.logit_bias or self.min_tokens)
+
     def validate(self, limits: RequestLimits, prompt_ids: list[int]) -> "SamplingParams":
         """Raise RequestError for anything out of range; returns self."""
         _check_prompt(prompt_ids, limits)

@@ -14,6 +14,10 @@ previous one is still on the device: a sequence's newest token may be
 pending (counted in ``num_tokens``, not yet known), and a sequence that the
 step in flight brings to ``max_tokens`` is not scheduled again.
 
+With speculative decoding a drafter (engine/ngram.py) proposes tokens for each
+decode, and its row carries them after its last token, within the same budget;
+the step keeps what the target agrees with (engine/speculative.py).
+
 The scheduler owns every sequence's state: besides choosing steps, it applies
 what a step did (``launched``: tokens computed; ``landed`` and ``append_token``:
 tokens sampled, and whether that ends the sequence) and frees what a sequence held.
@@ -21,12 +25,14 @@ tokens sampled, and whether that ends the sequence) and frees what a sequence he
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
 from sgljax.engine.batch import ScheduledBatch
 from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.kv_cache import PagePool
+from sgljax.engine.ngram import NgramDrafter
 from sgljax.engine.prefix_cache import PrefixCache
 from sgljax.engine.request import Sequence, Status
 
@@ -47,8 +53,10 @@ class SchedulerConfig:
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, pool: PagePool, prefix_cache: PrefixCache,
-                 plan: BucketPlan):
+                 plan: BucketPlan, drafter: NgramDrafter | None = None):
         self.cfg = cfg
+        self.drafter = drafter
+        self.draft_seconds = 0.0  # host time spent proposing drafts
         self.plan = plan
         self.pool = pool
         self.cache = prefix_cache
@@ -101,8 +109,9 @@ class Scheduler:
         """The step is on the device: its K/V are being written, so later steps may read
         them; a row that completes its sequence's tokens samples the next one."""
         batch.samples = []
-        for seq, n in zip(batch.seqs, batch.chunk_lens):
-            seq.num_computed += n
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.chunk_lens)):
+            # A verify row's drafts count as computed only once the target keeps them.
+            seq.num_computed += n - len(batch.drafts_of(i))
             sampled = seq.num_computed == seq.num_tokens
             if sampled:
                 seq.num_pending += 1
@@ -125,10 +134,13 @@ class Scheduler:
 
     def append_token(self, seq: Sequence, token: int, logprob: float | None = None,
                      top: list[tuple[int, float]] | None = None,
-                     stop_string: str | None = None) -> None:
+                     stop_string: str | None = None, kept_draft: bool = False) -> None:
         """Add a sampled token; finish the sequence on a stop token, the end of its grammar,
         a stop string (found by the detokenizer) or max_tokens (validation keeps that
-        within the context)."""
+        within the context). ``kept_draft``: the token before it was a draft the target
+        kept, so that token's K/V (written by the verify step) now count as computed."""
+        if kept_draft:
+            seq.num_computed += 1
         seq.output_ids.append(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)
@@ -171,8 +183,11 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         """Every running decode, then prompt chunks up to the token budget."""
         decodes = self._schedule_decodes()
-        seqs, chunks = list(decodes), [1] * len(decodes)
         budget = min(self.cfg.chunked_prefill_size, self.plan.max_tokens) - len(decodes)
+        drafts = self._draft(decodes, budget) if self.drafter else []
+        seqs = list(decodes)
+        chunks = [1 + len(d) for d in drafts] or [1] * len(decodes)
+        budget -= sum(map(len, drafts))
         prefills = 0
         # Sequences already part-way through their prompt go first.
         for seq in list(self.running):
@@ -216,7 +231,25 @@ class Scheduler:
                 self._preempt(self.running[-1])
                 return self.schedule()
             return None
-        return ScheduledBatch(seqs, chunks, num_decodes=len(decodes))
+        return ScheduledBatch(seqs, chunks, num_decodes=len(decodes), drafts=drafts)
+
+    def _draft(self, decodes: list[Sequence], budget: int) -> list[list[int]]:
+        """Each decode's draft tokens, while the token budget and the pool allow. None for
+        a sequence whose logits depend on every token before (penalties, a grammar) or
+        whose last token is still on the device, and none past its max_tokens."""
+        started, drafts = time.perf_counter(), []
+        for seq in decodes:
+            room = min(budget, seq.params.max_tokens - seq.num_generated - 1)
+            draft = []
+            if room > 0 and seq.grammar is None and not seq.params.adjusts_logits \
+                    and not seq.num_pending:
+                draft = self.drafter.propose(seq.all_ids, room)
+                if draft and not self._grow(seq, 1 + len(draft)):
+                    draft = []  # the pool is short: decode the one token
+            budget -= len(draft)
+            drafts.append(draft)
+        self.draft_seconds += time.perf_counter() - started
+        return drafts
 
     def _fill_bucket(self, chunks: list[int], num_decodes: int) -> None:
         """Shorten the last prompt chunk so the step fills its token bucket instead of

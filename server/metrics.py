@@ -51,6 +51,20 @@ class ServerMetrics:
               "Speech encoder shapes compiled while serving (0 after warmup-asr).",
               lambda s: s.unwarmed_audio_shapes)
 
+        gauge("sgljax:spec_accept_length",
+              "Speculative decoding: tokens a decode row with drafts emits on average.",
+              lambda s: s.spec_accept_length)
+        gauge("sgljax:spec_verify_rows", "Speculative decoding: decode rows that verified "
+              "drafts.", lambda s: s.spec_verify_rows)
+        gauge("sgljax:spec_draft_tokens", "Speculative decoding: draft tokens proposed.",
+              lambda s: s.spec_draft_tokens)
+        gauge("sgljax:spec_accepted_tokens", "Speculative decoding: draft tokens the target kept.",
+              lambda s: s.spec_accepted_tokens)
+        gauge("sgljax:spec_draft_seconds", "Speculative decoding: host seconds proposing drafts.",
+              lambda s: s.spec_draft_seconds)
+        gauge("sgljax:spec_verify_seconds", "Speculative decoding: seconds of the steps that "
+              "verified drafts.", lambda s: s.spec_verify_seconds)
+
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, list(labels), registry=reg).labels(**labels)
 
