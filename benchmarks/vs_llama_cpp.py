@@ -105,6 +105,8 @@ def convert_deps(work: Path) -> dict:
     import importlib.util
 
     env = dict(os.environ)
+    # The converter imports modules beside it (its own folder must be on sys.path).
+    env.pop("PYTHONSAFEPATH", None)
     if importlib.util.find_spec("sentencepiece") is None:
         deps = work / "convert-deps"
         if not (deps / "sentencepiece").is_dir():

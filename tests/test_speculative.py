@@ -1,6 +1,8 @@
 """Speculative decoding (NGRAM): lossless at temperature 0, the target's distribution above
 it, and no compiles after warmup."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,3 +222,47 @@ def test_ngram_sampling_warm_and_without_compiles(tiny_models):
     # A seeded request samples the same tokens again.
     again = eng.generate([prompts[1]], sampled)[0]["token_ids"]
     assert again == seqs[1].output_ids
+
+
+# -- the server and the bench ---------------------------------------------------------------
+def test_server_streams_speculative_tokens_and_reports_accept_length(tiny_models):
+    import httpx
+
+    from server_harness import TINY_SERVER_ARGS, ServerProcess
+    from sgljax.cli.bench_client import spec_accept_length
+
+    prompt = _prompts(seed=9)[0]  # a phrase three times: drafts from the prompt
+    body = {"model": "default", "prompt": prompt, "max_tokens": 40, "temperature": 0,
+            "ignore_eos": True}
+    srv = ServerProcess(tiny_models["qwen3"], *TINY_SERVER_ARGS, "--speculative-algorithm",
+                        "NGRAM")
+    try:
+        before = httpx.get(srv.url + "/get_server_info").json()["internal_states"]
+        whole = httpx.post(srv.url + "/v1/completions", json=body, timeout=120).json()
+        assert whole["usage"]["completion_tokens"] == 40
+        text = ""
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True},
+                          timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        assert text == whole["choices"][0]["text"]
+        after = httpx.get(srv.url + "/get_server_info").json()["internal_states"]
+        assert after["spec_verify_rows"] > before["spec_verify_rows"]
+        metrics = httpx.get(srv.url + "/metrics").text
+        line = next(m for m in metrics.splitlines() if m.startswith("sgljax:spec_accept_length"))
+        assert float(line.split()[-1]) == pytest.approx(spec_accept_length(
+            {k: 0 for k in before}, after))
+        assert "sgljax:spec_verify_seconds" in metrics
+    finally:
+        srv.stop()
+
+
+def test_bench_accept_length_from_counter_readings():
+    from sgljax.cli.bench_client import spec_accept_length
+
+    before = {"spec_verify_rows": 10, "spec_accepted_tokens": 5, "spec_draft_tokens": 40}
+    after = {"spec_verify_rows": 30, "spec_accepted_tokens": 35, "spec_draft_tokens": 120}
+    assert spec_accept_length(before, after) == 2.5
+    assert spec_accept_length(before, before) is None  # nothing verified in between
+    assert spec_accept_length(None, after) is None  # not an sgljax server
