@@ -10,7 +10,8 @@
   a layer), with the same numerics.
 - Matmuls read each layer's weights in place inside the layer scan: float32 ones in
   steps of up to cpu_linear.MAX_TOKENS tokens, bfloat16 ones in every step
-  and the LM head, on AMX. Not in MoE models: their dense and sparse layers stack
+  and the LM head, on AMX; without AMX, with AVX512-BF16 (AMD Zen 4), bfloat16 ones
+  in steps of up to cpu_bf16_linear.MAX_TOKENS tokens and the LM head. Not in MoE models: their dense and sparse layers stack
   apart (the kernel indexes one stack by model layer), so XLA runs their matmuls.
 """
 
@@ -23,7 +24,8 @@ from functools import partial
 import jax.numpy as jnp
 
 from sgljax.engine.weight_forms import PROJECTIONS, LinearKernel
-from sgljax.kernels import cpu_amx_attention, cpu_amx_linear, cpu_linear, cpu_paged_attention
+from sgljax.kernels import (cpu_amx_attention, cpu_amx_linear, cpu_bf16_linear, cpu_linear,
+                            cpu_paged_attention)
 
 
 @dataclass(frozen=True)
@@ -67,4 +69,6 @@ def choose(top: dict, stacked: dict, cfg, cache_dtype, act_dtype, cpu_alone: boo
             head = top["embed"] if cfg.tie_word_embeddings else top["lm_head"]
             linear = LinearKernel(cpu_amx_linear.linear,
                                   head=cpu_amx_linear.supports((1, *head.shape)))
+        elif weights == jnp.bfloat16 and cpu_bf16_linear.available():  # AVX512-BF16, no AMX
+            linear = LinearKernel(cpu_bf16_linear.linear, cpu_bf16_linear.MAX_TOKENS, head=True)
     return StepKernels(attend, linear)

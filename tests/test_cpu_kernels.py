@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sgljax.kernels import cpu_paged_attention as kernel
-from sgljax.kernels import cpu_amx_attention, cpu_amx_linear, cpu_linear
+from sgljax.kernels import cpu_amx_attention, cpu_amx_linear, cpu_bf16_linear, cpu_linear
 from sgljax.kernels.paged_attention import ragged_paged_attention
 from ragged_cases import dense_answer, make_case, random_case
 
@@ -26,6 +26,8 @@ def test_builds_where_a_compiler_is():
             assert cpu_linear.available()
         if "amx_bf16" in flags:
             assert cpu_amx_linear.available() and cpu_amx_attention.available()
+        if "avx512_bf16" in flags:
+            assert cpu_bf16_linear.available()
 
 
 @pytest.mark.skipif(not cpu_linear.available(), reason="no C++ compiler or no AVX-512")
@@ -55,6 +57,20 @@ def test_amx_linear_matches_float64(n, k):
             np.testing.assert_allclose(got, w64[layer] @ x64, rtol=1e-4, atol=1e-4 * np.sqrt(k))
             ref = np.asarray(cpu_amx_linear.linear_reference(w, jnp.int32(layer), x))
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+@pytest.mark.skipif(not cpu_bf16_linear.available(), reason="no C++ compiler or no AVX512-BF16")
+@pytest.mark.parametrize("n,k", [(576, 576), (192, 1536), (50, 37), (7, 16), (33, 100)])
+def test_bf16_linear_matches_float64(n, k):
+    rng = np.random.default_rng(n + 3 * k)
+    w = jnp.asarray(rng.standard_normal((3, n, k)), jnp.bfloat16)
+    w64 = np.asarray(w.astype(jnp.float32), np.float64)
+    for m in (1, 3, 4, 5, 16, 17, 64, 130):  # token groups of 4 with tails; K not a multiple of 32
+        x = jnp.asarray(rng.standard_normal((k, m)), jnp.float32)
+        x64 = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+        for layer in (0, 2):
+            got = np.asarray(cpu_bf16_linear.linear(w, jnp.int32(layer), x))
+            np.testing.assert_allclose(got, w64[layer] @ x64, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 
 @pytest.mark.skipif(not cpu_amx_linear.available(), reason="no C++ compiler or no AMX")
@@ -245,8 +261,8 @@ def test_engine_uses_it_and_decodes_the_same(tiny_models, monkeypatch, dtype, kv
 
     used, with_kernel = run()
     assert used[0].backend == "cpu"
-    matmul = cpu_linear if dtype == "float32" else cpu_amx_linear
-    assert (used[1] is not None) == matmul.available()
+    matmuls = [cpu_linear] if dtype == "float32" else [cpu_amx_linear, cpu_bf16_linear]
+    assert (used[1] is not None) == any(m.available() for m in matmuls)
     vector = used[0].attention
     if dtype == "bfloat16" and cpu_amx_attention.available():
         assert vector.chunk is cpu_amx_attention.amx_attention
