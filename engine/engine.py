@@ -35,7 +35,7 @@ from sgljax.engine.distributed import Follower, Leader, channel_address, init_di
 from sgljax.engine.batch import ScheduledBatch
 from sgljax.engine.model_runner import Launched, ModelRunner, unflatten_step
 from sgljax.engine.ngram import NgramDrafter
-from sgljax.engine.outputs import Completion, EngineStats, RequestOutput
+from sgljax.engine.outputs import Completion, EngineStats, RequestOutput, SpecStats
 from sgljax.engine.pathways import init_backend
 from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
 from sgljax.engine.request import Sequence
@@ -67,23 +67,6 @@ class InFlight:
     sched: ScheduledBatch
     launched: Launched
     launched_at: float = 0.0  # time.perf_counter() at launch
-
-
-@dataclass
-class SpecStats:
-    """Speculative decoding so far: rows that verified drafts, drafts, drafts kept, and
-    the time of the steps that verified them."""
-    verify_rows: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    verify_seconds: float = 0.0
-
-    def landed(self, sched: ScheduledBatch, out, seconds: float) -> None:
-        rows = [i for i, d in enumerate(sched.drafts) if d]
-        self.verify_rows += len(rows)
-        self.draft_tokens += sum(len(sched.drafts[i]) for i in rows)
-        self.accepted_tokens += int(sum(out.accepted[i] for i in rows))
-        self.verify_seconds += seconds
 
 
 class Engine:

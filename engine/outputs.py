@@ -7,6 +7,10 @@ server's threads may read it while the engine goes on changing its state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sgljax.engine.batch import ScheduledBatch
 
 
 @dataclass
@@ -95,3 +99,20 @@ class EngineStats:
     @property
     def kv_usage(self) -> float:
         return self.kv_pages_used / max(self.kv_pages_total, 1)
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding so far: rows that verified drafts, drafts, drafts kept, and
+    the time of the steps that verified them."""
+    verify_rows: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_seconds: float = 0.0
+
+    def landed(self, sched: "ScheduledBatch", out, seconds: float) -> None:
+        rows = [i for i, d in enumerate(sched.drafts) if d]
+        self.verify_rows += len(rows)
+        self.draft_tokens += sum(len(sched.drafts[i]) for i in rows)
+        self.accepted_tokens += int(sum(out.accepted[i] for i in rows))
+        self.verify_seconds += seconds

@@ -184,9 +184,8 @@ class Scheduler:
         """Every running decode, then prompt chunks up to the token budget."""
         decodes = self._schedule_decodes()
         budget = min(self.cfg.chunked_prefill_size, self.plan.max_tokens) - len(decodes)
-        drafts = self._draft(decodes, budget) if self.drafter else []
-        seqs = list(decodes)
-        chunks = [1 + len(d) for d in drafts] or [1] * len(decodes)
+        drafts = self._draft(decodes, budget) if self.drafter else [[] for _ in decodes]
+        seqs, chunks = list(decodes), [1 + len(d) for d in drafts]
         budget -= sum(map(len, drafts))
         prefills = 0
         # Sequences already part-way through their prompt go first.
