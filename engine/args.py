@@ -14,10 +14,11 @@ DEVICES = ("auto", "cpu", "tpu", "cuda", "gpu", "proxy")  # cuda: sglang-jax's n
 ATTENTION_BACKENDS = ("auto", "native", "pallas", "cpu")  # engine/attention_backend.py
 CONTROLLERS = ("multi", "pathways")
 MOE_BACKENDS = ("dense", "grouped")  # engine/moe.py's MOE_BACKENDS
-SPECULATIVE_ALGORITHMS = ("NGRAM",)  # engine/ngram.py; EAGLE and EAGLE3 are not built yet
+SPECULATIVE_ALGORITHMS = ("NGRAM", "EAGLE", "EAGLE3")  # engine/ngram.py, engine/eagle_head.py
 POSITIVE_INTS = ("tp_size", "ep_size", "page_size", "max_running_requests", "chunked_prefill_size",
                  "max_prefill_seqs", "new_seqs_per_prefill", "context_length",
                  "max_total_tokens", "nnodes", "speculative_num_draft_tokens",
+                 "speculative_num_steps", "speculative_eagle_topk",
                  "speculative_ngram_min_match_window_size",
                  "speculative_ngram_max_match_window_size")
 
@@ -92,10 +93,19 @@ class EngineArgs:
         "step N+1 while step N runs).")
     speculative_algorithm: str | None = _flag(
         None, "Speculative decoding: NGRAM (prompt lookup: draft tokens copied from where the "
-        "request's last tokens occurred before in its prompt or output; no draft model). "
-        "Every decode step verifies the drafts; lossless, greedy or sampled.")
+        "request's last tokens occurred before in its prompt or output; no draft model), "
+        "EAGLE or EAGLE3 (a draft head over the target's hidden states: "
+        "--speculative-draft-model-path). Every decode step verifies the drafts; lossless, "
+        "greedy or sampled.")
+    speculative_draft_model_path: str | None = _flag(
+        None, "EAGLE / EAGLE3: the draft head's folder (config.json and safetensors, HF layout).")
     speculative_num_draft_tokens: int = _flag(
-        4, "Speculative decoding: draft tokens verified a decode step at most.")
+        4, "NGRAM: draft tokens verified a decode step at most. EAGLE / EAGLE3: tokens a "
+        "verify row holds, its last token included (num-steps + 1 for a chain).")
+    speculative_num_steps: int = _flag(
+        3, "EAGLE / EAGLE3: draft head passes a step, each proposing one draft token.")
+    speculative_eagle_topk: int = _flag(
+        1, "EAGLE / EAGLE3: branches per draft step (1: a chain; token trees are not built).")
     speculative_ngram_min_match_window_size: int = _flag(
         1, "NGRAM: the shortest run of last tokens looked up.")
     speculative_ngram_max_match_window_size: int = _flag(
@@ -162,10 +172,19 @@ class EngineArgs:
         _one_of("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.speculative_algorithm is not None:
             self.speculative_algorithm = self.speculative_algorithm.upper()
-            if self.speculative_algorithm in ("EAGLE", "EAGLE3"):
-                raise ValueError(f"--speculative-algorithm {self.speculative_algorithm} is not "
-                                 "built yet; NGRAM is")
             _one_of("speculative_algorithm", self.speculative_algorithm, SPECULATIVE_ALGORITHMS)
+        if self.eagle:
+            if not self.speculative_draft_model_path:
+                raise ValueError(f"--speculative-algorithm {self.speculative_algorithm} needs "
+                                 "--speculative-draft-model-path (the draft head's folder)")
+            if self.speculative_eagle_topk != 1:
+                raise ValueError("--speculative-eagle-topk: token trees (top-k > 1) are not "
+                                 "built yet; 1 drafts a chain")
+            # A chain verifies its steps' tokens after the row's last one (SGLang's rule).
+            self.speculative_num_draft_tokens = self.speculative_num_steps + 1
+        elif self.speculative_draft_model_path:
+            raise ValueError("--speculative-draft-model-path is for --speculative-algorithm "
+                             "EAGLE or EAGLE3")
         if (self.speculative_ngram_min_match_window_size
                 > self.speculative_ngram_max_match_window_size):
             raise ValueError("--speculative-ngram-min-match-window-size must not exceed "
@@ -212,7 +231,14 @@ class EngineArgs:
     @property
     def num_draft_tokens(self) -> int:
         """Draft tokens a decode row verifies at most (0: no speculative decoding)."""
+        if self.eagle:
+            return self.speculative_num_steps
         return self.speculative_num_draft_tokens if self.speculative_algorithm else 0
+
+    @property
+    def eagle(self) -> bool:
+        """Drafts from a draft head (EAGLE or EAGLE3), not from lookup."""
+        return self.speculative_algorithm in ("EAGLE", "EAGLE3")
 
     @property
     def pathways(self) -> bool:

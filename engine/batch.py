@@ -72,6 +72,9 @@ class StepBatch:
     # draft tokens each row verifies, and (S,) int32 how many of them are real.
     drafts: jax.Array | None = None
     num_drafts: jax.Array | None = None
+    # EAGLE (engine/eagle_draft.py): (S,) int32 the token after a prompt chunk that stops
+    # short of the prompt's end, -1 for rows that sample.
+    chunk_next: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -35,6 +35,8 @@ from sgljax.engine.distributed import Follower, Leader, channel_address, init_di
 from sgljax.engine.batch import ScheduledBatch
 from sgljax.engine.model_runner import Launched, ModelRunner, unflatten_step
 from sgljax.engine.ngram import NgramDrafter
+from sgljax.engine.eagle_draft import head_kv_spec
+from sgljax.engine.eagle_head import load_head
 from sgljax.engine.outputs import Completion, EngineStats, RequestOutput, SpecStats
 from sgljax.engine.pathways import init_backend
 from sgljax.engine.prefix_cache import NoPrefixCache, RadixPrefixCache
@@ -114,7 +116,12 @@ class Engine:
                     else jnp.dtype(args.kv_cache_dtype))
         kv_spec = KVCacheSpec(cfg.num_layers, 0, ps, loaded.model.kv_heads, cfg.head_dim,
                               kv_dtype)
-        kv_spec.num_pages = args.resolve_num_pages(kv_spec.bytes_per_page(), max_pages_per_seq)
+        # EAGLE / EAGLE3: the draft head, whose K/V pages sit beside the target's.
+        head = (load_head(args.speculative_draft_model_path, args.speculative_algorithm, cfg,
+                          act_dtype) if args.eagle else None)
+        page_bytes = kv_spec.bytes_per_page() + (
+            head_kv_spec(head.cfg, kv_spec).bytes_per_page() if head else 0)
+        kv_spec.num_pages = args.resolve_num_pages(page_bytes, max_pages_per_seq)
         self.pool = PagePool(kv_spec.num_pages)
         self.prefix_cache = (NoPrefixCache() if args.disable_radix_cache
                              else RadixPrefixCache(self.pool, ps))
@@ -124,15 +131,18 @@ class Engine:
             page_size=ps, max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
             schedule_policy=args.schedule_policy, new_seqs_per_prefill=new_per_prefill,
-            max_prefill_seqs=args.max_prefill_seqs), self.pool, self.prefix_cache, self.plan,
+            max_prefill_seqs=args.max_prefill_seqs,
+            head_drafts=args.num_draft_tokens if head else 0,
+            draft_lookahead=args.num_draft_tokens - 1 if head else 0),
+            self.pool, self.prefix_cache, self.plan,
             drafter=NgramDrafter(args.num_draft_tokens,
                                  args.speculative_ngram_min_match_window_size,
                                  args.speculative_ngram_max_match_window_size)
-            if args.num_draft_tokens else None)
+            if args.speculative_algorithm == "NGRAM" else None)
         self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan, act_dtype, executable_cache=(
             ExecutableCache(cache_dir, self.mesh) if cache_dir is not None else None),
             moe_backend=args.moe_backend, attention_backend=args.attention_backend,
-            num_draft_tokens=args.num_draft_tokens)
+            num_draft_tokens=args.num_draft_tokens, head=head)
         self.spec = SpecStats()
         self._leader = self._follower = None
         if args.nnodes > 1:
@@ -291,6 +301,7 @@ class Engine:
         sched, results = in_flight.sched, []
         if any(sched.drafts):
             self.spec.landed(sched, out, time.perf_counter() - in_flight.launched_at)
+        self.spec.head_seconds += out.draft_seconds
         for i, seq in self.scheduler.landed(sched):
             detok = self._detok[seq.rid]
             text, toks, logprobs, tops = "", [], [], []
@@ -310,6 +321,8 @@ class Engine:
             if seq.finished:
                 text += detok.flush()
                 del self._detok[seq.rid]
+            elif out.drafts is not None:  # EAGLE: the head's guesses for the next step
+                self.scheduler.proposed(seq, out.drafts[i].tolist())
             results.append(RequestOutput(
                 seq.rid, text, toks, seq.finished, seq.finish_reason, seq.matched_stop,
                 logprobs, tops, len(seq.prompt_ids), len(seq.output_ids), seq.num_cached_prompt))
@@ -459,7 +472,7 @@ class Engine:
             compiles_after_warmup=self.compiles_since_warmup(), healthy=self.healthy,
             spec_verify_rows=self.spec.verify_rows, spec_draft_tokens=self.spec.draft_tokens,
             spec_accepted_tokens=self.spec.accepted_tokens,
-            spec_draft_seconds=self.scheduler.draft_seconds,
+            spec_draft_seconds=self.scheduler.draft_seconds + self.spec.head_seconds,
             spec_verify_seconds=self.spec.verify_seconds,
             **({} if self.audio is None else dict(
                 audio_clips_encoded=self.audio.clips_encoded,

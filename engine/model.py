@@ -137,11 +137,18 @@ def _heads(ctx: StepContext, x: jax.Array, bias: jax.Array | None, count: int) -
 
 def attention_block(ctx: StepContext, w: Weights, layer: jax.Array, h: jax.Array,
                     k_cache: jax.Array, v_cache: jax.Array):
-    """h + o_proj(ragged paged attention of this step's q over the cache, after writing
-    its k/v into it). Returns (h, k_cache, v_cache)."""
+    """h + attention of its norm. Returns (h, k_cache, v_cache)."""
+    x = rms_norm_features(h, w["input_norm"], ctx.cfg.rms_norm_eps)
+    out, k_cache, v_cache = attend(ctx, w, layer, x, k_cache, v_cache)
+    return h + out, k_cache, v_cache
+
+
+def attend(ctx: StepContext, w: Weights, layer: jax.Array, x: jax.Array,
+           k_cache: jax.Array, v_cache: jax.Array):
+    """o_proj(ragged paged attention of x's q over the cache, after writing x's k/v into
+    it), feature-major (D, T). Returns (that, k_cache, v_cache)."""
     cfg, batch = ctx.cfg, ctx.batch
     hd, nh, kvh = cfg.head_dim, cfg.num_heads, ctx.kv_heads
-    x = rms_norm_features(h, w["input_norm"], cfg.rms_norm_eps)
     bias = (lambda name: w[name]) if cfg.qkv_bias else (lambda name: None)
     q, k, v = ctx.mm.group(w, layer, x, ("q_proj", "k_proj", "v_proj"),
                            (nh * hd, kvh * hd, kvh * hd))
@@ -155,8 +162,7 @@ def attention_block(ctx: StepContext, w: Weights, layer: jax.Array, h: jax.Array
     k_cache, v_cache = ctx.write_kv(k_cache, v_cache, layer, batch.slots, k, v)
     attn = ctx.attention(q, k_cache, v_cache, layer, batch.page_table, batch.cu_q_lens,
                          batch.kv_lens, batch.num_seqs)
-    h = h + ctx.mm(w, "o_proj", layer, attn.reshape(h.shape[1], nh * hd).T)
-    return h, k_cache, v_cache
+    return ctx.mm(w, "o_proj", layer, attn.reshape(x.shape[1], nh * hd).T), k_cache, v_cache
 
 
 def mlp_block(ctx: StepContext, w: Weights, layer: jax.Array, h: jax.Array) -> jax.Array:
@@ -203,21 +209,37 @@ def _run_weights(layers: Weights, sparse: bool, first: int, count: int, kind_fir
     return out
 
 
+def _keep_inputs(aux: jax.Array, h: jax.Array, layer: jax.Array,
+                 capture: tuple[int, ...]) -> jax.Array:
+    """aux (C, D, T): slot c takes h, the input of layer ``capture[c]``, when this is it."""
+    hit = jnp.asarray(capture, jnp.int32) == layer
+    return jnp.where(hit[:, None, None], h[None], aux)
+
+
 def run_layers(ctx: StepContext, layers: Weights | list[Weights], layer_ids: jax.Array,
-               carry):
+               carry, capture: tuple[int, ...] = ()):
     """Every layer over carry (h, k_cache, v_cache): scanned over stacked weights (one
-    scan per run of dense or sparse layers), unrolled over a list of per-layer ones."""
+    scan per run of dense or sparse layers), unrolled over a list of per-layer ones.
+    With ``capture`` the carry has a fourth part, (C, D, T): the inputs of those layers."""
+    def layer_step(carry, xs, sparse=False):
+        if not capture:
+            return decoder_layer(ctx, carry, xs, sparse)
+        *state, aux = carry
+        aux = _keep_inputs(aux, state[0], xs[1], capture)
+        state, _ = decoder_layer(ctx, tuple(state), xs, sparse)
+        return (*state, aux), None
+
     if isinstance(layers, dict):
         ctx = ctx._replace(experts={name: layers[name] for name in EXPERT_TENSORS
                                     if name in layers})
         for sparse, first, count, kind_first in ctx.cfg.layer_runs():
-            step = lambda carry, xs, sparse=sparse: decoder_layer(ctx, carry, xs, sparse)  # noqa: E731
+            step = lambda carry, xs, sparse=sparse: layer_step(carry, xs, sparse)  # noqa: E731
             xs = (_run_weights(layers, sparse, first, count, kind_first),
                   layer_ids[first:first + count] if ctx.cfg.is_moe else layer_ids)
             carry, _ = jax.lax.scan(step, carry, xs)
     else:  # per-layer weights: dense models only (the model runner keeps none for MoE)
         for i, w in enumerate(layers):
-            carry, _ = decoder_layer(ctx, carry, (w, layer_ids[i]))
+            carry, _ = layer_step(carry, (w, layer_ids[i]))
     return carry
 
 
@@ -236,8 +258,12 @@ def forward(cfg: ModelConfig, kv_heads: int, top: Weights,
             layer_ids: jax.Array | None = None,
             attention_kernel=None, linear_kernel: LinearKernel | None = None,
             act_dtype=None, moe_backend: str = "grouped", kv_writer=None,
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One ragged step. Returns (each sequence's last-token logits (S, V), k_cache, v_cache).
+            capture: tuple[int, ...] | None = None) -> tuple[jax.Array, ...]:
+    """One ragged step. Returns (each sequence's last-token logits (S, V), k_cache, v_cache),
+    and with ``capture`` (EAGLE's draft heads read them, engine/eagle_draft.py) a fourth:
+    every token's features (T, F). ``capture=()``: the final-normed hidden state
+    (EAGLE); layer ids: their inputs side by side, id L meaning the last layer's output
+    (EAGLE3's low, middle and high features).
 
     embed → every layer (``attention_block``, ``mlp_block``) → final norm of the
     tokens we sample from → LM head.
@@ -280,7 +306,20 @@ def forward(cfg: ModelConfig, kv_heads: int, top: Weights,
                       kv_writer or write_kv, mm, moe_backend)
     if layer_ids is None:
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    h, k_cache, v_cache = run_layers(ctx, layers, layer_ids, (h, k_cache, v_cache))
+    inner = tuple(i for i in capture or () if i < cfg.num_layers)
+    carry = (h, k_cache, v_cache)
+    if inner:
+        carry += (jnp.zeros((len(inner), *h.shape), h.dtype),)
+    carry = run_layers(ctx, layers, layer_ids, carry, inner)
+    h, k_cache, v_cache = carry[:3]
     last = h[:, batch.last_index.reshape(-1)]  # (D, S) or (D, S * (k + 1)): the sampled tokens
     last = rms_norm_features(last, top["final_norm"], cfg.rms_norm_eps)
-    return lm_head(cfg, top, last, linear_kernel), k_cache, v_cache
+    logits = lm_head(cfg, top, last, linear_kernel)
+    if capture is None:
+        return logits, k_cache, v_cache
+    if not capture:
+        features = rms_norm_features(h, top["final_norm"], cfg.rms_norm_eps)
+    else:
+        kept = dict(zip(inner, carry[3])) if inner else {}
+        features = jnp.concatenate([kept[i] if i in kept else h for i in capture], axis=0)
+    return logits, k_cache, v_cache, features.T

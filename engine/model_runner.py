@@ -34,6 +34,8 @@ from sgljax.engine.grammar import fill_masks, mask_words
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.mesh import global_array
 from sgljax.engine import cpu_kernels
+from sgljax.engine.eagle_draft import EagleDrafter, feature_size
+from sgljax.engine.eagle_head import EagleHead
 from sgljax.engine.model import Decoder, forward
 from sgljax.engine.weight_forms import fuse_projections, unstack_layers
 from sgljax.engine.request import Sequence
@@ -53,6 +55,8 @@ class StepOutput:
     top_ids: np.ndarray  # (S, 20) or (S, k + 1, 20)
     top_logprobs: np.ndarray  # (S, 20) or (S, k + 1, 20)
     accepted: np.ndarray | None = None  # (S,) draft tokens kept
+    drafts: np.ndarray | None = None  # EAGLE: (S, k) each row's drafts for its next step
+    draft_seconds: float = 0.0  # EAGLE: how long the host waited for them after the step
 
     def emitted(self, row: int) -> list[tuple[int, float, np.ndarray, np.ndarray]]:
         """(token, logprob, top ids, top logprobs) of each token row ``row`` emits."""
@@ -71,7 +75,7 @@ class Launched:
     shape: tuple = ()  # the step's (tokens, sequences) bucket
 
 
-def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust, grammar):
+def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, capture, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust, grammar):
     # Sequences whose input token the previous step sampled take it from the device: it
     # is their first token in this step (a decode row's only one).
     fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
@@ -83,9 +87,9 @@ def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, weights
     top, stacked, per_layer, layer_ids = weights
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
     layers = per_layer if per_layer and batch.tokens.shape == (1,) else stacked
-    logits, k_cache, v_cache = forward(cfg, kv_heads, top, layers, batch, k_cache, v_cache,
-                                       layer_ids, kernels.attention, linear_kernel, act_dtype,
-                                       moe_backend, kernels.write_kv)
+    logits, k_cache, v_cache, *features = forward(
+        cfg, kv_heads, top, layers, batch, k_cache, v_cache, layer_ids, kernels.attention,
+        linear_kernel, act_dtype, moe_backend, kernels.write_kv, capture)
     if batch.drafts is None:
         out = sample(logits, sbatch, adjust, grammar)
         last = out[0]
@@ -94,14 +98,14 @@ def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, weights
         tokens, accepted = out[0], out[4]
         last = jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, last, (0,))
-    return out, last_tokens, k_cache, v_cache
+    return (*out, *features), last_tokens, k_cache, v_cache  # features: EAGLE's head reads them
 
 
 class ModelRunner:
     def __init__(self, model: Decoder, mesh, kv_spec: KVCacheSpec, plan: BucketPlan,
                  act_dtype=None, executable_cache: ExecutableCache | None = None,
                  moe_backend: str = "grouped", attention_backend: str = "auto",
-                 num_draft_tokens: int = 0):
+                 num_draft_tokens: int = 0, head: EagleHead | None = None):
         self.mesh = mesh
         # Speculative decoding: every step verifies up to this many drafts a decode row.
         self.num_draft_tokens = num_draft_tokens
@@ -144,11 +148,18 @@ class ModelRunner:
         max_rows = plan.max_seqs
         self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
         self._last_rows: dict[str, int] = {}
+        capture = head.cfg.capture if head is not None else None
+        outputs = 4 + bool(num_draft_tokens) + (head is not None)
         self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, act_dtype,
-                                     self.kernels, self.linear_kernel, moe_backend),
+                                     self.kernels, self.linear_kernel, moe_backend, capture),
                              donate_argnums=(1, 2, 3),
-                             out_shardings=((replicated,) * (5 if num_draft_tokens else 4),
+                             out_shardings=((replicated,) * outputs,
                                             replicated, kv_sharding, kv_sharding))
+        # EAGLE: the draft head, run after every step (engine/eagle_draft.py).
+        self.eagle = (EagleDrafter(head, model.cfg, kv_spec, mesh, self.kernels, act_dtype,
+                                   num_draft_tokens, self._load_or_compile)
+                      if head is not None else None)
+        self.act_dtype = act_dtype
         self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers
         self._zero_adjust: dict[int, LogitAdjust] = {}
         self._open_grammar: dict[int, GrammarMask] = {}
@@ -176,6 +187,7 @@ class ModelRunner:
         drafts = np.zeros((S, K), np.int32)
         num_drafts = np.zeros((S,), np.int32)
         prev_rows = np.full((S,), -1, np.int32)
+        chunk_next = np.full((S,), -1, np.int32)
         at = 0
         for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
             start = seq.num_computed
@@ -197,6 +209,8 @@ class ModelRunner:
             page_table[i, :len(pages)] = pages
             cu_q_lens[i] = at
             kv_lens[i] = start + n
+            if start + n < seq.num_tokens:  # a prompt chunk short of the prompt's end
+                chunk_next[i] = seq.all_ids[start + n]
             at += n
             if not draft:
                 last_index[i] = at - 1
@@ -204,6 +218,8 @@ class ModelRunner:
                           np.asarray(len(sched.seqs), np.int32), last_index, prev_rows)
         if K:
             batch.drafts, batch.num_drafts = drafts, num_drafts
+        if self.eagle is not None:
+            batch.chunk_next = chunk_next
         if any(s.audio_embeds is not None for s in sched.seqs):
             embeds, mask = pack_audio_embeds(sched, T, self.model.cfg.hidden_size)
             if mask.any():  # a chunk covers audio placeholders: the step's audio form
@@ -286,8 +302,14 @@ class ModelRunner:
 
     @staticmethod
     def fetch(launched: Launched) -> StepOutput:
-        """Wait for a launched step and copy its sampled tokens to the host."""
-        return StepOutput(*(to_host(x) for x in launched.outputs))
+        """Wait for a launched step and copy its sampled tokens (and EAGLE's drafts, which
+        the device computes after them) to the host."""
+        outputs = [to_host(x) for x in launched.outputs[:5]]
+        if len(launched.outputs) <= 5:
+            return StepOutput(*outputs)
+        waited = time.perf_counter()
+        drafts = to_host(launched.outputs[5])
+        return StepOutput(*outputs, drafts, time.perf_counter() - waited)
 
     def execute(self, batch: StepBatch, sbatch: SamplingBatch, adjust: LogitAdjust | None,
                 grammar: GrammarMask | None = None) -> StepOutput:
@@ -304,7 +326,11 @@ class ModelRunner:
         exe = self._executable(batch, sbatch, adj, gram)
         out, self.last_tokens, self.k_cache, self.v_cache = exe(
             self.state, self.k_cache, self.v_cache, self.last_tokens, batch, sbatch, adj, gram)
-        return out
+        if self.eagle is None:
+            return out
+        *out, features = out
+        drafts = self.eagle.dispatch(self.state[0], features, batch, out[0], out[4])
+        return (*out, drafts)
 
     def _device_adjust(self, batch: StepBatch, adjust: LogitAdjust | None) -> LogitAdjust:
         S = batch.page_table.shape[0]
@@ -353,6 +379,8 @@ class ModelRunner:
                           z(S, K + 1) if K else z(S), np.full(S, -1, np.int32))
         if K:
             batch.drafts, batch.num_drafts = z(S, K), z(S)
+        if self.eagle is not None:
+            batch.chunk_next = z(S)
         if embeds:
             batch.embeds = np.zeros((T, self.model.cfg.hidden_size), np.float32)
             batch.embed_mask = np.zeros((T,), bool)
@@ -367,6 +395,9 @@ class ModelRunner:
             self.broadcast("compile", flatten_step(batch, sbatch, None, None))
         self._executable(batch, sbatch, self._device_adjust(batch, None),
                          self._device_grammar(batch, None))
+        if self.eagle is not None:
+            self.eagle.warm(self.state[0], batch,
+                            feature_size(self.eagle.cfg, self.model.cfg), self.act_dtype)
 
 
 def pack_audio_embeds(sched: ScheduledBatch, T: int, hidden: int):

@@ -109,6 +109,7 @@ class SpecStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     verify_seconds: float = 0.0
+    head_seconds: float = 0.0  # EAGLE: waited for the draft head after the steps
 
     def landed(self, sched: "ScheduledBatch", out, seconds: float) -> None:
         rows = [i for i, d in enumerate(sched.drafts) if d]

@@ -37,6 +37,8 @@ class Sequence:
     matched_stop: int | str | None = None
     num_preemptions: int = 0
     grammar: GrammarState | None = None  # constrained decoding: where its output stands
+    # EAGLE: the drafts the head proposed after the sequence's last step, for its next one.
+    draft_tokens: list[int] = field(default_factory=list)
     # Audio prompts (Qwen3-ASR): the clips' features until encoded, then the encoder's
     # outputs (n, D) for the prompt's <|audio_pad|> positions (n,), kept across
     # preemption so a preempted request is never encoded again; and the prompt ids the

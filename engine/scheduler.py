@@ -14,9 +14,12 @@ previous one is still on the device: a sequence's newest token may be
 pending (counted in ``num_tokens``, not yet known), and a sequence that the
 step in flight brings to ``max_tokens`` is not scheduled again.
 
-With speculative decoding a drafter (engine/ngram.py) proposes tokens for each
-decode, and its row carries them after its last token, within the same budget;
-the step keeps what the target agrees with (engine/speculative.py).
+With speculative decoding each decode row carries draft tokens after its last one,
+within the same budget: a drafter's lookups (NGRAM, engine/ngram.py), or what the
+draft head proposed in the sequence's last step (EAGLE, engine/eagle_draft.py: its
+drafting writes K/V past the step's tokens, so such sequences hold pages
+``draft_lookahead`` tokens ahead). The step keeps what the target agrees with
+(engine/speculative.py).
 
 The scheduler owns every sequence's state: besides choosing steps, it applies
 what a step did (``launched``: tokens computed; ``landed`` and ``append_token``:
@@ -49,6 +52,8 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
     new_seqs_per_prefill: int = 1  # new prompts one step takes
     max_prefill_seqs: int = 8  # prompt chunks one step holds
+    head_drafts: int = 0  # EAGLE: drafts a step's head proposes for each sequence's next
+    draft_lookahead: int = 0  # EAGLE: positions past a sampling row its drafting writes
 
 
 class Scheduler:
@@ -56,6 +61,7 @@ class Scheduler:
                  plan: BucketPlan, drafter: NgramDrafter | None = None):
         self.cfg = cfg
         self.drafter = drafter
+        self.speculating = drafter is not None or cfg.head_drafts > 0
         self.draft_seconds = 0.0  # host time spent proposing drafts
         self.plan = plan
         self.pool = pool
@@ -157,9 +163,15 @@ class Scheduler:
         elif len(seq.output_ids) >= seq.params.max_tokens:
             self.finish(seq, "length")
 
+    def proposed(self, seq: Sequence, drafts: list[int]) -> None:
+        """EAGLE: the drafts the head proposed in the step that just landed."""
+        seq.draft_tokens = drafts
+
     # -- pages -------------------------------------------------------------
     def _pages_needed(self, seq: Sequence, new_tokens: int) -> int:
         total = seq.num_computed + new_tokens
+        if total >= seq.num_tokens:  # the row samples: EAGLE drafts past it
+            total = min(total + self.cfg.draft_lookahead, self.cfg.context_length)
         return max(0, -(-total // self.cfg.page_size) - len(seq.pages))
 
     def _grow(self, seq: Sequence, new_tokens: int) -> bool:
@@ -174,7 +186,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.release(seq.pages)
-        seq.pages, seq.num_computed = [], 0
+        seq.pages, seq.num_computed, seq.draft_tokens = [], 0, []
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -184,7 +196,7 @@ class Scheduler:
         """Every running decode, then prompt chunks up to the token budget."""
         decodes = self._schedule_decodes()
         budget = min(self.cfg.chunked_prefill_size, self.plan.max_tokens) - len(decodes)
-        drafts = self._draft(decodes, budget) if self.drafter else [[] for _ in decodes]
+        drafts = self._draft(decodes, budget) if self.speculating else [[] for _ in decodes]
         seqs, chunks = list(decodes), [1 + len(d) for d in drafts]
         budget -= sum(map(len, drafts))
         prefills = 0
@@ -242,7 +254,8 @@ class Scheduler:
             draft = []
             if room > 0 and seq.grammar is None and not seq.params.adjusts_logits \
                     and not seq.num_pending:
-                draft = self.drafter.propose(seq.all_ids, room)
+                draft = (self.drafter.propose(seq.all_ids, room) if self.drafter
+                         else seq.draft_tokens[:room])
                 if draft and not self._grow(seq, 1 + len(draft)):
                     draft = []  # the pool is short: decode the one token
             budget -= len(draft)

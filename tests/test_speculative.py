@@ -49,8 +49,16 @@ def test_ngram_drafter_takes_the_longest_then_most_recent_match():
 
 
 def test_speculation_flags_are_checked():
-    with pytest.raises(ValueError, match="EAGLE3 is not built yet"):
+    with pytest.raises(ValueError, match="needs --speculative-draft-model-path"):
         EngineArgs(model_path="x", speculative_algorithm="EAGLE3")
+    with pytest.raises(ValueError, match="token trees"):
+        EngineArgs(model_path="x", speculative_algorithm="eagle", speculative_draft_model_path="h",
+                   speculative_eagle_topk=4)
+    with pytest.raises(ValueError, match="is for --speculative-algorithm EAGLE"):
+        EngineArgs(model_path="x", speculative_algorithm="ngram", speculative_draft_model_path="h")
+    eagle = EngineArgs(model_path="x", speculative_algorithm="EAGLE3",
+                       speculative_draft_model_path="h", speculative_num_steps=5)
+    assert (eagle.num_draft_tokens, eagle.speculative_num_draft_tokens) == (5, 6)
     with pytest.raises(ValueError, match="must be one of NGRAM"):
         EngineArgs(model_path="x", speculative_algorithm="MEDUSA")
     with pytest.raises(ValueError, match="must not exceed"):

@@ -1,0 +1,197 @@
+"""EAGLE drafting on the device: after each step the draft head (engine/eagle_head.py)
+runs over the step's tokens and proposes every sequence's next drafts.
+
+The head keeps K/V caches of its own, paged like the target's and indexed by the
+same page table and slots, so the scheduler's pages, the radix cache and preemption
+hold for it unchanged. One call per step (``EagleDrafter.dispatch``, right after the
+target's step, whose outputs it reads on the device):
+
+1. Extend. Every token of the step goes through the head again: row r reads the
+   token after it and the target's features at r, at r's position, and writes the
+   head's K/V at r's slot. The token after a row is the next one of its chunk,
+   except at the row a sequence samples from (its last kept draft), where it is the
+   token the step emitted, and at the end of a prompt chunk that stops short of the
+   prompt, where the host supplies the next prompt token (``StepBatch.chunk_next``).
+   Rows past the kept drafts write K/V the next step overwrites before anyone reads it.
+2. Draft. The head's output at each sequence's sampling row gives draft 1; k - 1
+   more passes of one token a sequence give drafts 2..k, each writing its K/V one
+   position further (the scheduler holds pages for them: ``draft_lookahead``;
+   positions past a sequence's pages write to page 0, which nobody owns).
+
+Drafts are the head's argmax: one token for certain, so the target's rejection
+sampling (engine/speculative.py) keeps the target's distribution, and greedy output
+is the target's whatever the head proposes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sgljax.engine.batch import StepBatch
+from sgljax.engine.config import rope_inv_freq
+from sgljax.engine.eagle_head import EagleHead, EagleHeadConfig
+from sgljax.engine.kv_cache import KVCacheSpec
+from sgljax.engine.layers import rms_norm_features, rope_cos_sin
+from sgljax.engine.mesh import global_array
+from sgljax.engine.model import StepContext, attend, lm_head, mlp_block
+from sgljax.engine.weight_forms import Matmuls, dense
+
+
+def head_kv_spec(cfg: EagleHeadConfig, target: KVCacheSpec) -> KVCacheSpec:
+    """The head's caches: the target's pages, the head's layers and heads."""
+    layer = cfg.layer
+    return KVCacheSpec(cfg.num_layers, target.num_pages, target.page_size,
+                       layer.num_kv_heads, layer.head_dim, target.dtype)
+
+
+def head_pass(cfg: EagleHeadConfig, kernels, dtype, head: dict, target_top: dict,
+              tokens: jax.Array, hidden: jax.Array, batch: StepBatch,
+              k_cache: jax.Array, v_cache: jax.Array, project: bool):
+    """The head over ``batch``'s tokens: (its output h (D, T), k_cache, v_cache).
+
+    ``hidden`` (F, T) feature-major: the target's features (``project``: EAGLE3 maps
+    them through fc first) or the head's own output of the step before."""
+    layer_cfg = cfg.layer
+    top, layers = head["top"], head["layers"]
+    table = top["embed"] if "embed" in top else target_top["embed"]
+    e = table[tokens].T.astype(dtype)
+    cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
+    ctx = StepContext(layer_cfg, layer_cfg.num_kv_heads, batch, cos, sin, kernels.attention,
+                      kernels.write_kv, Matmuls(frozenset(layers[0])))
+    eps = layer_cfg.rms_norm_eps
+    if cfg.kind == "EAGLE3":
+        w, at = layers[0], jnp.int32(0)
+        if project:
+            hidden = dense(top["fc"], hidden.astype(dtype))
+        x = jnp.concatenate([rms_norm_features(e, w["input_norm"], eps),
+                             rms_norm_features(hidden, w["hidden_norm"], eps)], axis=0)
+        out, k_cache, v_cache = attend(ctx, w, at, x, k_cache, v_cache)
+        return mlp_block(ctx, w, at, hidden + out), k_cache, v_cache
+    h = dense(top["fc"], jnp.concatenate([e, hidden.astype(dtype)], axis=0))
+    if "fc_bias" in top:
+        h = h + top["fc_bias"][:, None]
+    for i, w in enumerate(layers):
+        x = h if i == 0 else rms_norm_features(h, w["input_norm"], eps)  # layer 0: no norm
+        out, k_cache, v_cache = attend(ctx, w, jnp.int32(i), x, k_cache, v_cache)
+        h = mlp_block(ctx, w, jnp.int32(i), h + out)
+    return h, k_cache, v_cache
+
+
+def head_tokens(cfg: EagleHeadConfig, target_cfg, head: dict, target_top: dict,
+                h: jax.Array) -> jax.Array:
+    """The head's argmax token ids (in the target's vocabulary) from its outputs (D, S)."""
+    top = head["top"]
+    if cfg.kind == "EAGLE3":
+        logits = dense(top["lm_head"], rms_norm_features(h, top["norm"], cfg.layer.rms_norm_eps))
+        return top["hot"][jnp.argmax(logits, axis=0)]
+    return jnp.argmax(lm_head(target_cfg, target_top, h, None), axis=-1).astype(jnp.int32)
+
+
+def _slots(page_table: jax.Array, positions: jax.Array, writes: jax.Array, page_size: int):
+    """Cache slots of one token a sequence; page 0 where ``writes`` is False or the
+    position is past the page table."""
+    idx = positions // page_size
+    ok = writes & (idx < page_table.shape[1])
+    page = jnp.take_along_axis(page_table, jnp.minimum(idx, page_table.shape[1] - 1)[:, None],
+                               axis=1)[:, 0]
+    return jnp.where(ok, page, 0) * page_size + positions % page_size
+
+
+def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, page_size: int, kernels, dtype,
+            head: dict, target_top: dict, k_cache: jax.Array, v_cache: jax.Array,
+            features: jax.Array, batch: StepBatch, emitted: jax.Array, accepted: jax.Array):
+    """features (T, F): the target's, of every token of the step; emitted (S, k + 1) and
+    accepted (S,): what the step's verify returned. → (drafts (S, num_steps), k_cache,
+    v_cache)."""
+    T, (S, width) = batch.tokens.shape[0], batch.page_table.shape
+    rows = jnp.arange(S)
+    live = rows < batch.num_seqs
+    sampling = live & (batch.chunk_next < 0)
+    at = jnp.take_along_axis(batch.last_index.reshape(S, -1), accepted[:, None], axis=1)[:, 0]
+    bonus = jnp.take_along_axis(emitted, accepted[:, None], axis=1)[:, 0]
+    after = jnp.concatenate([batch.tokens[1:], jnp.zeros((1,), batch.tokens.dtype)])
+    after = after.at[jnp.where(live, at, T)].set(
+        jnp.where(sampling, bonus, batch.chunk_next), mode="drop")
+    h, k_cache, v_cache = head_pass(cfg, kernels, dtype, head, target_top, after, features.T,
+                                    batch, k_cache, v_cache, project=True)
+    hidden = h[:, at]
+    first = head_tokens(cfg, target_cfg, head, target_top, hidden)
+    start = batch.positions[at]  # the sampling row's position; draft i goes at start + i
+
+    def one_more(carry, i):
+        k_cache, v_cache, token, hidden = carry
+        pos = start + i
+        step = StepBatch(
+            tokens=token, positions=pos,
+            slots=_slots(batch.page_table, pos, sampling, page_size),
+            page_table=batch.page_table,
+            cu_q_lens=jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), batch.num_seqs),
+            kv_lens=jnp.where(live, jnp.minimum(pos + 1, width * page_size), 0),
+            num_seqs=batch.num_seqs, last_index=rows, prev_rows=jnp.full((S,), -1, jnp.int32))
+        h, k_cache, v_cache = head_pass(cfg, kernels, dtype, head, target_top, token, hidden,
+                                        step, k_cache, v_cache, project=False)
+        nxt = head_tokens(cfg, target_cfg, head, target_top, h)
+        return (k_cache, v_cache, nxt, h), token
+
+    (k_cache, v_cache, last, _), earlier = jax.lax.scan(
+        one_more, (k_cache, v_cache, first, hidden), jnp.arange(1, num_steps, dtype=jnp.int32))
+    drafts = jnp.concatenate([earlier.T, last[:, None]], axis=1)
+    return drafts, k_cache, v_cache
+
+
+class EagleDrafter:
+    """The head's weights and caches on the mesh, and its compiled drafting per bucket."""
+
+    def __init__(self, head: EagleHead, target_cfg, target_kv: KVCacheSpec, mesh, kernels,
+                 dtype, num_steps: int, compile_fn):
+        self.cfg, self.mesh, self.num_steps = head.cfg, mesh, num_steps
+        replicated = NamedSharding(mesh, P())
+        place = lambda a: global_array(np.asarray(a), replicated)  # noqa: E731
+        top = {**head.top, "inv_freq": rope_inv_freq(head.cfg.layer)}
+        self.weights = {"top": {k: place(v) for k, v in top.items()},
+                        "layers": [{k: place(v) for k, v in w.items()} for w in head.layers]}
+        self.kv_spec = head_kv_spec(head.cfg, target_kv)
+        self.k_cache, self.v_cache = self.kv_spec.allocate(mesh)
+        kv = self.k_cache.sharding
+        self._fn = jax.jit(partial(propose, head.cfg, target_cfg, num_steps,
+                                   target_kv.page_size, kernels, dtype),
+                           donate_argnums=(2, 3), out_shardings=(replicated, kv, kv))
+        self._compile = compile_fn  # the model runner's: the persistent cache, counted
+        self._executables: dict[tuple, object] = {}
+        self.replicated = replicated
+
+    def _executable(self, target_top, features, batch, emitted, accepted):
+        key = (batch.shape, batch.page_table.shape[1], features.shape, emitted.shape)
+        exe = self._executables.get(key)
+        if exe is None:
+            with jax.set_mesh(self.mesh):
+                exe = self._compile(self._fn.lower(self.weights, target_top, self.k_cache,
+                                                   self.v_cache, features, batch, emitted,
+                                                   accepted))
+            self._executables[key] = exe
+        return exe
+
+    def warm(self, target_top, batch: StepBatch, feature_size: int, dtype) -> None:
+        """Compile (or load) the drafting of ``batch``'s bucket."""
+        T, S = batch.shape
+        spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self.replicated)  # noqa: E731
+        self._executable(target_top, spec((T, feature_size), dtype), batch,
+                         spec((S, self.num_steps + 1), jnp.int32), spec((S,), jnp.int32))
+
+    def dispatch(self, target_top, features, batch: StepBatch, emitted, accepted) -> jax.Array:
+        """Start drafting after the step that returned ``features``, ``emitted``, ``accepted``."""
+        exe = self._executable(target_top, features, batch, emitted, accepted)
+        drafts, self.k_cache, self.v_cache = exe(self.weights, target_top, self.k_cache,
+                                                 self.v_cache, features, batch, emitted,
+                                                 accepted)
+        return drafts
+
+
+def feature_size(cfg: EagleHeadConfig, target_cfg) -> int:
+    return target_cfg.hidden_size * (len(cfg.capture) or 1)
+
