@@ -82,7 +82,8 @@ class EngineStats:
     audio_encoder_calls: int = 0
     unwarmed_audio_shapes: int = 0
     # Speculative decoding: decode rows that verified drafts, draft tokens proposed and
-    # kept, host seconds proposing them, seconds of the steps that verified them.
+    # kept, seconds proposing them (NGRAM: host lookups; EAGLE: the wait for the draft
+    # head after each step), seconds of the steps that verified them.
     spec_verify_rows: int = 0
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0

@@ -60,7 +60,8 @@ class ServerMetrics:
               lambda s: s.spec_draft_tokens)
         gauge("sgljax:spec_accepted_tokens", "Speculative decoding: draft tokens the target kept.",
               lambda s: s.spec_accepted_tokens)
-        gauge("sgljax:spec_draft_seconds", "Speculative decoding: host seconds proposing drafts.",
+        gauge("sgljax:spec_draft_seconds", "Speculative decoding: seconds proposing drafts "
+              "(NGRAM: host lookups; EAGLE: waiting for the draft head after each step).",
               lambda s: s.spec_draft_seconds)
         gauge("sgljax:spec_verify_seconds", "Speculative decoding: seconds of the steps that "
               "verified drafts.", lambda s: s.spec_verify_seconds)
