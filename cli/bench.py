@@ -84,7 +84,8 @@ async def _run(a: dict, console) -> tuple[dict, dict, list, float, float]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sgljax.cli.bench_client import (Backend, fetch_server_info, fetch_spec_counters,
-                                         make_client, run_requests, spec_accept_length)
+                                         make_client, run_requests, spec_accept_length,
+                                         spec_seconds)
     from sgljax.cli.bench_datasets import BenchError, find_tokenizer
     from sgljax.cli.bench_report import compute_metrics
 
@@ -136,6 +137,9 @@ async def _run(a: dict, console) -> tuple[dict, dict, list, float, float]:
     metrics = compute_metrics(results, duration, t0, ignore_eos=not a["disable_ignore_eos"])
     metrics["usage_missing"] = missing_usage
     metrics["spec_accept_length"] = spec_accept_length(spec_before, spec_after)
+    if metrics["spec_accept_length"] is not None:  # shares of the run's wall time
+        for name, seconds in spec_seconds(spec_before, spec_after).items():
+            metrics[name.replace("_seconds", "_share")] = seconds / duration
     return config, metrics, results, t0, duration
 
 

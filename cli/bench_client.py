@@ -224,6 +224,7 @@ async def fetch_server_info(client: httpx.AsyncClient, base_url: str) -> tuple[l
 
 
 SPEC_COUNTERS = ("spec_verify_rows", "spec_accepted_tokens", "spec_draft_tokens")
+SPEC_SECONDS = ("spec_draft_seconds", "spec_verify_seconds")  # read where the server has them
 
 
 async def fetch_spec_counters(client: httpx.AsyncClient) -> dict | None:
@@ -235,7 +236,7 @@ async def fetch_spec_counters(client: httpx.AsyncClient) -> dict | None:
         return None
     if not isinstance(states, dict) or not all(k in states for k in SPEC_COUNTERS):
         return None
-    return {k: states[k] for k in SPEC_COUNTERS}
+    return {k: states[k] for k in SPEC_COUNTERS + SPEC_SECONDS if k in states}
 
 
 def spec_accept_length(before: dict | None, after: dict | None) -> float | None:
@@ -246,3 +247,10 @@ def spec_accept_length(before: dict | None, after: dict | None) -> float | None:
     if rows <= 0:
         return None
     return 1 + (after["spec_accepted_tokens"] - before["spec_accepted_tokens"]) / rows
+
+
+def spec_seconds(before: dict | None, after: dict | None) -> dict[str, float]:
+    """Seconds spent drafting and in steps that verified drafts between two readings."""
+    if before is None or after is None:
+        return {}
+    return {k: after[k] - before[k] for k in SPEC_SECONDS if k in before and k in after}

@@ -161,6 +161,9 @@ def result_table(config: dict, m: dict):
     ]
     if m.get("spec_accept_length") is not None:  # sgljax with speculative decoding
         rows.append(("Speculative accept length", _fmt(m["spec_accept_length"])))
+        for key, label in (("spec_draft_share", "drafting"), ("spec_verify_share", "verify steps")):
+            if m.get(key) is not None:
+                rows.append((f"Speculative {label} (share of time)", f"{m[key]:.1%}"))
     for k, v in rows:
         table.add_row(k, str(v))
     for key, title in LATENCIES:

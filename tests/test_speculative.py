@@ -274,3 +274,26 @@ def test_bench_accept_length_from_counter_readings():
     assert spec_accept_length(before, after) == 2.5
     assert spec_accept_length(before, before) is None  # nothing verified in between
     assert spec_accept_length(None, after) is None  # not an sgljax server
+    from sgljax.cli.bench_client import spec_seconds
+    assert spec_seconds({**before, "spec_draft_seconds": 1.0}, {**after, "spec_draft_seconds": 3.5}) \
+        == {"spec_draft_seconds": 2.5}  # a server without spec_verify_seconds: that one left out
+    assert spec_seconds(None, after) == {}
+
+
+def test_bench_report_prints_the_speculative_rows():
+    import io
+
+    from rich.console import Console
+
+    from sgljax.cli.bench_report import compute_metrics, result_table
+
+    m = compute_metrics([], 1.0, 0.0, ignore_eos=True)
+    m.update(spec_accept_length=2.25, spec_draft_share=0.125, spec_verify_share=0.5,
+             usage_missing=0)
+    out = io.StringIO()
+    config = {"backend": "sglang", "model": "m", "dataset": "random", "request_rate": "inf",
+              "max_concurrency": 4}
+    Console(file=out, width=120).print(result_table(config, m))
+    text = out.getvalue()
+    assert "Speculative accept length" in text and "2.25" in text
+    assert "Speculative drafting (share of time)" in text and "12.5%" in text
