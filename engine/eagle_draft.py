@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sgljax.engine.attention_backend import AttentionKernels
 from sgljax.engine.batch import StepBatch
 from sgljax.engine.config import rope_inv_freq
 from sgljax.engine.eagle_head import EagleHead, EagleHeadConfig
@@ -40,6 +41,7 @@ from sgljax.engine.layers import rms_norm_features, rope_cos_sin
 from sgljax.engine.mesh import global_array
 from sgljax.engine.model import StepContext, attend, lm_head, mlp_block
 from sgljax.engine.weight_forms import Matmuls, dense
+from sgljax.kernels.paged_attention import ragged_paged_attention, write_kv
 
 
 def head_kv_spec(cfg: EagleHeadConfig, target: KVCacheSpec) -> KVCacheSpec:
@@ -156,7 +158,15 @@ class EagleDrafter:
         self.weights = {"top": {k: place(v) for k, v in top.items()},
                         "layers": [{k: place(v) for k, v in w.items()} for w in head.layers]}
         self.kv_spec = head_kv_spec(head.cfg, target_kv)
-        self.k_cache, self.v_cache = self.kv_spec.allocate(mesh)
+        if mesh.devices.size > 1:
+            # The head is small: every device runs all of it, over caches of its own (a
+            # head's few KV heads need not divide over tp), with the pure-JAX kernels.
+            kernels = AttentionKernels("native", ragged_paged_attention, write_kv)
+            zeros = jax.jit(lambda: jnp.zeros(self.kv_spec.shape, self.kv_spec.dtype),
+                            out_shardings=replicated)
+            self.k_cache, self.v_cache = zeros(), zeros()
+        else:
+            self.k_cache, self.v_cache = self.kv_spec.allocate(mesh)
         kv = self.k_cache.sharding
         self._fn = jax.jit(partial(propose, head.cfg, target_cfg, num_steps,
                                    target_kv.page_size, kernels, dtype),

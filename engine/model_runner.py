@@ -41,6 +41,7 @@ from sgljax.engine.weight_forms import fuse_projections, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
 from sgljax.engine.speculative import verify
+from sgljax.engine.step_wire import flatten_step
 
 log = logging.getLogger(__name__)
 
@@ -421,23 +422,3 @@ def pack_audio_embeds(sched: ScheduledBatch, T: int, hidden: int):
 def to_host(x: jax.Array) -> np.ndarray:
     """A replicated step output as numpy (this host's copy; works on every rank)."""
     return np.asarray(x.addressable_data(0))
-
-
-def flatten_step(batch: StepBatch, sbatch: SamplingBatch, adjust: LogitAdjust | None,
-                 grammar: GrammarMask | None) -> dict[str, np.ndarray]:
-    """The step as named numpy arrays, to send to other hosts."""
-    flat = {f"b.{k}": np.asarray(v) for k, v in vars(batch).items() if v is not None}
-    flat.update({f"s.{k}": np.asarray(v) for k, v in vars(sbatch).items()})
-    if adjust is not None:
-        flat.update({f"a.{k}": np.asarray(v) for k, v in vars(adjust).items()})
-    if grammar is not None:
-        flat.update({f"g.{k}": np.asarray(v) for k, v in vars(grammar).items()})
-    return flat
-
-
-def unflatten_step(flat: dict[str, np.ndarray]):
-    part = lambda p: {k[2:]: v for k, v in flat.items() if k.startswith(p)}  # noqa: E731
-    adjust, grammar = part("a."), part("g.")
-    return (StepBatch(**part("b.")), SamplingBatch(**part("s.")),
-            LogitAdjust(**adjust) if adjust else None,
-            GrammarMask(**grammar) if grammar else None)

@@ -198,3 +198,29 @@ def test_warm_and_without_compiles(tiny_models, tmp_path):
     assert all(len(s.output_ids) == 30 for s in seqs)
     again = eng.generate([prompts[0]], sampled)[0]["token_ids"]  # a seeded request repeats
     assert again == seqs[0].output_ids
+
+
+def test_two_hosts_draft_as_one_process(tiny_models, tmp_path):
+    """Rank 0 and rank 1 (2 CPU devices each, tp 4) run the head after every step alike."""
+    import json
+
+    from test_multihost import _free_port, _kill, _prompts, _start
+
+    model = tiny_models["qwen3"]
+    head = build_eagle3_head(tmp_path / "head", model,
+                             constant=_most_common_output(model, _prompts()))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [o["token_ids"] for o in _engine(model).generate(_prompts(), params)]
+    port = _free_port()
+    env = {"MULTIHOST_EAGLE3": str(head)}
+    leader, follower = (_start(model, r, port, 8, env_extra=env) for r in (0, 1))
+    try:
+        out, err = leader.communicate(timeout=300)
+        assert leader.returncode == 0, err[-2000:]
+        lines = out.splitlines()
+        assert json.loads(next(x for x in lines if x.startswith("TOKENS "))[7:]) == expected
+        spec = json.loads(next(x for x in lines if x.startswith("SPEC "))[5:])
+        assert 0 < spec["accepted"] < spec["drafts"]
+        assert follower.wait(timeout=60) == 0
+    finally:
+        _kill(leader, follower)
