@@ -17,8 +17,8 @@ guesses the next tokens (engine/eagle_draft.py runs it):
 
 Checkpoints: a folder with config.json (a Llama config; EAGLE3 adds
 ``draft_vocab_size`` and, optionally, ``eagle_config.eagle_aux_hidden_state_layer_ids``)
-and safetensors (or pytorch_model.bin, read with torch where it is installed). A
-head without ``embed_tokens`` shares the target's embedding.
+and safetensors (a pytorch_model.bin is refused with the line that converts it). A head
+without ``embed_tokens`` shares the target's embedding.
 """
 
 from __future__ import annotations
@@ -93,14 +93,11 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
                 for name in st.keys():
                     t = st.get_tensor(name)
                     out[name] = np.asarray(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t)
-    elif (path / "pytorch_model.bin").is_file():
-        try:
-            import torch
-        except ImportError:
-            raise ModelConfigError(f"{path}: pytorch_model.bin needs torch to read; or save "
-                                   "the head as safetensors") from None
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        out = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
+    elif (path / "pytorch_model.bin").is_file():  # a pickle: torch's to read, not ours
+        raise ModelConfigError(
+            f"{path}: the head is a pytorch_model.bin; save it as safetensors once (with "
+            "torch: safetensors.torch.save_file(torch.load('pytorch_model.bin'), "
+            "'model.safetensors'))")
     else:
         raise ModelConfigError(f"{path}: no *.safetensors or pytorch_model.bin")
     return {k.removeprefix("model."): v for k, v in out.items()}

@@ -81,6 +81,12 @@ def test_head_checkpoints_are_checked(tiny_models, tmp_path):
         _engine(target, eagle, "EAGLE3")
     with pytest.raises(ModelConfigError, match="no config.json"):
         _engine(target, tmp_path / "missing", "EAGLE")
+    pickled = tmp_path / "bin"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((eagle / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"PK")
+    with pytest.raises(ModelConfigError, match="save it as safetensors"):
+        _engine(target, pickled, "EAGLE")
     wide = build_tiny_model("llama", tmp_path / "wide", hidden_size=96)
     with pytest.raises(ModelConfigError, match="hidden size"):
         _engine(wide, eagle, "EAGLE")
