@@ -247,7 +247,7 @@ def lm_head(cfg: ModelConfig, top: Weights, x: jax.Array,
             linear_kernel: LinearKernel | None) -> jax.Array:
     """Feature-major (D, S) → float32 logits (S, V); tied to the embedding or not."""
     head = top["embed"] if cfg.tie_word_embeddings else top["lm_head"]  # (V, D)
-    if linear_kernel and linear_kernel.head:
+    if linear_kernel and linear_kernel.takes_head(x.shape[1]):
         return linear_kernel.fn(head[None], jnp.int32(0), x).T  # as a one-layer stack
     return dense(head, x).astype(jnp.float32).T
 

@@ -35,6 +35,13 @@ class LinearKernel:
     fn: Callable  # (w (L, N, K), layer () int32, x (K, M)) -> (N, M) float32
     max_tokens: int | None = None  # steps of more tokens use XLA's dots (None: no bound)
     head: bool = False  # also the LM head (as a one-layer stack)
+    # The LM heads it takes, by rows: (fewest, most; None: no bound). XLA CPU's float32 dot
+    # is a fast GEMV for one row but 17x slower than the kernel for 2-5 rows (benchmarks/README.md).
+    head_rows: tuple[int, int | None] = (1, None)
+
+    def takes_head(self, rows: int) -> bool:
+        low, high = self.head_rows
+        return self.head and rows >= low and (high is None or rows <= high)
 
     def takes(self, tokens: int) -> bool:
         return self.max_tokens is None or tokens <= self.max_tokens
