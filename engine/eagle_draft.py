@@ -40,7 +40,7 @@ from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.layers import rms_norm_features, rope_cos_sin
 from sgljax.engine.mesh import global_array
 from sgljax.engine.model import StepContext, attend, lm_head, mlp_block
-from sgljax.engine.weight_forms import Matmuls, dense
+from sgljax.engine.weight_forms import LinearKernel, Matmuls, dense
 from sgljax.kernels.paged_attention import ragged_paged_attention, write_kv
 
 
@@ -51,8 +51,15 @@ def head_kv_spec(cfg: EagleHeadConfig, target: KVCacheSpec) -> KVCacheSpec:
                        layer.num_kv_heads, layer.head_dim, target.dtype)
 
 
-def head_pass(cfg: EagleHeadConfig, kernels, dtype, head: dict, target_top: dict,
-              tokens: jax.Array, hidden: jax.Array, batch: StepBatch,
+def _matmul(linear: LinearKernel | None, w: jax.Array, x: jax.Array) -> jax.Array:
+    """w @ x, on the C++ matmul kernel where it takes x's columns (one CPU device)."""
+    if linear is not None and linear.takes(x.shape[1]):
+        return linear.fn(w[None], jnp.int32(0), x).astype(x.dtype)
+    return dense(w, x)
+
+
+def head_pass(cfg: EagleHeadConfig, kernels, linear: LinearKernel | None, dtype, head: dict,
+              target_top: dict, tokens: jax.Array, hidden: jax.Array, batch: StepBatch,
               k_cache: jax.Array, v_cache: jax.Array, project: bool):
     """The head over ``batch``'s tokens: (its output h (D, T), k_cache, v_cache).
 
@@ -63,18 +70,21 @@ def head_pass(cfg: EagleHeadConfig, kernels, dtype, head: dict, target_top: dict
     table = top["embed"] if "embed" in top else target_top["embed"]
     e = table[tokens].T.astype(dtype)
     cos, sin = rope_cos_sin(batch.positions, top["inv_freq"], dtype)
+    names = frozenset(layers[0])
+    mm = (Matmuls(names, linear.fn, head["whole"])  # the layers' projections, stacked
+          if linear is not None and linear.takes(tokens.shape[0]) else Matmuls(names))
     ctx = StepContext(layer_cfg, layer_cfg.num_kv_heads, batch, cos, sin, kernels.attention,
-                      kernels.write_kv, Matmuls(frozenset(layers[0])))
+                      kernels.write_kv, mm)
     eps = layer_cfg.rms_norm_eps
     if cfg.kind == "EAGLE3":
         w, at = layers[0], jnp.int32(0)
         if project:
-            hidden = dense(top["fc"], hidden.astype(dtype))
+            hidden = _matmul(linear, top["fc"], hidden.astype(dtype))
         x = jnp.concatenate([rms_norm_features(e, w["input_norm"], eps),
                              rms_norm_features(hidden, w["hidden_norm"], eps)], axis=0)
         out, k_cache, v_cache = attend(ctx, w, at, x, k_cache, v_cache)
         return mlp_block(ctx, w, at, hidden + out), k_cache, v_cache
-    h = dense(top["fc"], jnp.concatenate([e, hidden.astype(dtype)], axis=0))
+    h = _matmul(linear, top["fc"], jnp.concatenate([e, hidden.astype(dtype)], axis=0))
     if "fc_bias" in top:
         h = h + top["fc_bias"][:, None]
     for i, w in enumerate(layers):
@@ -84,14 +94,15 @@ def head_pass(cfg: EagleHeadConfig, kernels, dtype, head: dict, target_top: dict
     return h, k_cache, v_cache
 
 
-def head_tokens(cfg: EagleHeadConfig, target_cfg, head: dict, target_top: dict,
-                h: jax.Array) -> jax.Array:
+def head_tokens(cfg: EagleHeadConfig, target_cfg, linear: LinearKernel | None, head: dict,
+                target_top: dict, h: jax.Array) -> jax.Array:
     """The head's argmax token ids (in the target's vocabulary) from its outputs (D, S)."""
     top = head["top"]
     if cfg.kind == "EAGLE3":
-        logits = dense(top["lm_head"], rms_norm_features(h, top["norm"], cfg.layer.rms_norm_eps))
-        return top["hot"][jnp.argmax(logits, axis=0)]
-    return jnp.argmax(lm_head(target_cfg, target_top, h, None), axis=-1).astype(jnp.int32)
+        x = rms_norm_features(h, top["norm"], cfg.layer.rms_norm_eps)
+        return top["hot"][jnp.argmax(_matmul(linear, top["lm_head"], x), axis=0)]
+    logits = lm_head(target_cfg, target_top, h, linear)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def _slots(page_table: jax.Array, positions: jax.Array, writes: jax.Array, page_size: int):
@@ -104,8 +115,8 @@ def _slots(page_table: jax.Array, positions: jax.Array, writes: jax.Array, page_
     return jnp.where(ok, page, 0) * page_size + positions % page_size
 
 
-def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, page_size: int, kernels, dtype,
-            head: dict, target_top: dict, k_cache: jax.Array, v_cache: jax.Array,
+def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, page_size: int, kernels,
+            linear: LinearKernel | None, dtype, head: dict, target_top: dict, k_cache: jax.Array, v_cache: jax.Array,
             features: jax.Array, batch: StepBatch, emitted: jax.Array, accepted: jax.Array):
     """features (T, F): the target's, of every token of the step; emitted (S, k + 1) and
     accepted (S,): what the step's verify returned. → (drafts (S, num_steps), k_cache,
@@ -119,10 +130,10 @@ def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, page_size: int, ke
     after = jnp.concatenate([batch.tokens[1:], jnp.zeros((1,), batch.tokens.dtype)])
     after = after.at[jnp.where(live, at, T)].set(
         jnp.where(sampling, bonus, batch.chunk_next), mode="drop")
-    h, k_cache, v_cache = head_pass(cfg, kernels, dtype, head, target_top, after, features.T,
-                                    batch, k_cache, v_cache, project=True)
+    h, k_cache, v_cache = head_pass(cfg, kernels, linear, dtype, head, target_top, after,
+                                    features.T, batch, k_cache, v_cache, project=True)
     hidden = h[:, at]
-    first = head_tokens(cfg, target_cfg, head, target_top, hidden)
+    first = head_tokens(cfg, target_cfg, linear, head, target_top, hidden)
     start = batch.positions[at]  # the sampling row's position; draft i goes at start + i
 
     def one_more(carry, i):
@@ -135,9 +146,9 @@ def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, page_size: int, ke
             cu_q_lens=jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), batch.num_seqs),
             kv_lens=jnp.where(live, jnp.minimum(pos + 1, width * page_size), 0),
             num_seqs=batch.num_seqs, last_index=rows, prev_rows=jnp.full((S,), -1, jnp.int32))
-        h, k_cache, v_cache = head_pass(cfg, kernels, dtype, head, target_top, token, hidden,
-                                        step, k_cache, v_cache, project=False)
-        nxt = head_tokens(cfg, target_cfg, head, target_top, h)
+        h, k_cache, v_cache = head_pass(cfg, kernels, linear, dtype, head, target_top, token,
+                                        hidden, step, k_cache, v_cache, project=False)
+        nxt = head_tokens(cfg, target_cfg, linear, head, target_top, h)
         return (k_cache, v_cache, nxt, h), token
 
     (k_cache, v_cache, last, _), earlier = jax.lax.scan(
@@ -150,13 +161,17 @@ class EagleDrafter:
     """The head's weights and caches on the mesh, and its compiled drafting per bucket."""
 
     def __init__(self, head: EagleHead, target_cfg, target_kv: KVCacheSpec, mesh, kernels,
-                 dtype, num_steps: int, compile_fn):
+                 linear: LinearKernel | None, dtype, num_steps: int, compile_fn):
         self.cfg, self.mesh, self.num_steps = head.cfg, mesh, num_steps
         replicated = NamedSharding(mesh, P())
         place = lambda a: global_array(np.asarray(a), replicated)  # noqa: E731
         top = {**head.top, "inv_freq": rope_inv_freq(head.cfg.layer)}
         self.weights = {"top": {k: place(v) for k, v in top.items()},
                         "layers": [{k: place(v) for k, v in w.items()} for w in head.layers]}
+        if linear is not None:  # the kernel reads stacked (L, N, K) projections, by layer
+            self.weights["whole"] = {
+                name: place(np.stack([np.asarray(w[name]) for w in head.layers]))
+                for name in head.layers[0] if name.endswith("_proj")}
         self.kv_spec = head_kv_spec(head.cfg, target_kv)
         if mesh.devices.size > 1:
             # The head is small: every device runs all of it, over caches of its own (a
@@ -169,7 +184,7 @@ class EagleDrafter:
             self.k_cache, self.v_cache = self.kv_spec.allocate(mesh)
         kv = self.k_cache.sharding
         self._fn = jax.jit(partial(propose, head.cfg, target_cfg, num_steps,
-                                   target_kv.page_size, kernels, dtype),
+                                   target_kv.page_size, kernels, linear, dtype),
                            donate_argnums=(2, 3), out_shardings=(replicated, kv, kv))
         self._compile = compile_fn  # the model runner's: the persistent cache, counted
         self._executables: dict[tuple, object] = {}

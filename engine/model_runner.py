@@ -157,8 +157,11 @@ class ModelRunner:
                              out_shardings=((replicated,) * outputs,
                                             replicated, kv_sharding, kv_sharding))
         # EAGLE: the draft head, run after every step (engine/eagle_draft.py).
-        self.eagle = (EagleDrafter(head, model.cfg, kv_spec, mesh, self.kernels, act_dtype,
-                                   num_draft_tokens, self._load_or_compile)
+        # The matmul kernel takes the head's weights where they are in the target's dtype.
+        head_linear = (self.linear_kernel if head is not None
+                       and head.top["fc"].dtype == top["embed"].dtype else None)
+        self.eagle = (EagleDrafter(head, model.cfg, kv_spec, mesh, self.kernels, head_linear,
+                                   act_dtype, num_draft_tokens, self._load_or_compile)
                       if head is not None else None)
         self.act_dtype = act_dtype
         self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers
