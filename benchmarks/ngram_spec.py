@@ -39,6 +39,10 @@ SENTENCES = [
     "When the arch was finally mended, the whole town walked across it together.",
 ]
 PROMPT = "Copy the following text exactly, word for word, and write nothing else:\n\n{text}"
+# --workload free: questions whose answers copy little, so lookups rarely find a draft.
+TOPICS = ["a lighthouse keeper", "the first snow of winter", "a lost key", "a market at dawn",
+          "a train that never stops", "an old violin", "a garden on a roof", "a quiet library"]
+FREE = "Write a short story about {topic}."
 
 
 def paragraph(i: int, sentences: int = 6) -> str:
@@ -68,6 +72,8 @@ def main() -> None:
     ap.add_argument("--num-draft-tokens", type=int, default=4,
                     help="NGRAM: drafts a step; EAGLE/EAGLE3: head passes a step")
     ap.add_argument("--algorithm", default="NGRAM", choices=["NGRAM", "EAGLE", "EAGLE3"])
+    ap.add_argument("--workload", default="copy", choices=["copy", "free"],
+                    help="copy: rewrite a given paragraph; free: short stories (little to copy)")
     ap.add_argument("--draft-model-path", default=None, help="EAGLE/EAGLE3: the head's folder")
     ap.add_argument("--random-head", action="store_true",
                     help="EAGLE3: an untrained head of the model's shape (its cost alone)")
@@ -91,8 +97,9 @@ def main() -> None:
         eng.warmup()
         engines[name] = eng
     tok = engines["plain"].tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": PROMPT.format(
-        text=paragraph(i))}]) for i in range(args.requests)]
+    asks = [PROMPT.format(text=paragraph(i)) if args.workload == "copy"
+            else FREE.format(topic=TOPICS[i % len(TOPICS)]) for i in range(args.requests)]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": ask}]) for ask in asks]
     for eng in engines.values():
         run(eng, prompts[:2], params, 2)  # first use: any lazy setup
     # Compiles are counted per process: count from here, after both engines' warmups.

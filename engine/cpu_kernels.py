@@ -9,7 +9,7 @@
   (cpu_amx_attention: 8 x 64 queries over 1,088 cached tokens, 3.3 against 15.5 ms
   a layer), with the same numerics.
 - Matmuls read each layer's weights in place inside the layer scan: float32 ones in
-  steps of up to cpu_linear.MAX_TOKENS tokens (and LM heads of 2 to that many rows),
+  steps of up to cpu_linear.MAX_TOKENS tokens (and LM heads of 2-16 rows),
   bfloat16 ones in every step
   and the LM head, on AMX; without AMX, with AVX512-BF16 (AMD Zen 4), bfloat16 ones
   in steps of up to cpu_bf16_linear.MAX_TOKENS tokens and the LM head. Not in MoE models: their dense and sparse layers stack
@@ -64,10 +64,11 @@ def choose(top: dict, stacked: dict, cfg, cache_dtype, act_dtype, cpu_alone: boo
     linear = None
     if cpu_alone and not cfg.is_moe:
         if weights == jnp.float32 and cpu_linear.available():
-            # The LM head too, from 2 rows: XLA's dot takes 44-48 ms for 2-5 rows of
-            # SmolLM2's (49152, 576) head where the kernel takes 4-7 (one row: XLA's GEMV wins).
+            # The LM head too, for 2-16 rows: XLA's dot took 44-48 ms for 2-5 rows of
+            # SmolLM2's (49152, 576) head where the kernel takes 4-7. One row: XLA's GEMV
+            # wins; past 16 (speculative rows at concurrency 16) XLA's was as fast in the step.
             linear = LinearKernel(cpu_linear.linear, cpu_linear.MAX_TOKENS, head=True,
-                                  head_rows=(2, cpu_linear.MAX_TOKENS))
+                                  head_rows=(2, 16))
         elif (weights == jnp.bfloat16 and cpu_amx_linear.available()
               and all(cpu_amx_linear.supports(stacked[name].shape) for name in PROJECTIONS)):
             head = top["embed"] if cfg.tie_word_embeddings else top["lm_head"]

@@ -36,7 +36,7 @@ class LinearKernel:
     max_tokens: int | None = None  # steps of more tokens use XLA's dots (None: no bound)
     head: bool = False  # also the LM head (as a one-layer stack)
     # The LM heads it takes, by rows: (fewest, most; None: no bound). XLA CPU's float32 dot
-    # is a fast GEMV for one row but 17x slower than the kernel for 2-5 rows (benchmarks/README.md).
+    # is a fast GEMV for one row but ~10x slower than the kernel for 2-5 (engine/cpu_kernels.py).
     head_rows: tuple[int, int | None] = (1, None)
 
     def takes_head(self, rows: int) -> bool:
