@@ -162,7 +162,9 @@ class EagleDrafter:
 
     def __init__(self, head: EagleHead, target_cfg, target_kv: KVCacheSpec, mesh, kernels,
                  linear: LinearKernel | None, dtype, num_steps: int, compile_fn):
-        self.cfg, self.mesh, self.num_steps = head.cfg, mesh, num_steps
+        self.cfg, self.mesh, self.num_steps, self.dtype = head.cfg, mesh, num_steps, dtype
+        # The target's features a step hands over: its hidden state, or three side by side.
+        self.feature_size = target_cfg.hidden_size * (len(head.cfg.capture) or 1)
         replicated = NamedSharding(mesh, P())
         place = lambda a: global_array(np.asarray(a), replicated)  # noqa: E731
         top = {**head.top, "inv_freq": rope_inv_freq(head.cfg.layer)}
@@ -170,18 +172,14 @@ class EagleDrafter:
                         "layers": [{k: place(v) for k, v in w.items()} for w in head.layers]}
         if linear is not None:  # the kernel reads stacked (L, N, K) projections, by layer
             self.weights["whole"] = {
-                name: place(np.stack([np.asarray(w[name]) for w in head.layers]))
+                name: place(np.stack([w[name] for w in head.layers]))
                 for name in head.layers[0] if name.endswith("_proj")}
         self.kv_spec = head_kv_spec(head.cfg, target_kv)
-        if mesh.devices.size > 1:
-            # The head is small: every device runs all of it, over caches of its own (a
-            # head's few KV heads need not divide over tp), with the pure-JAX kernels.
+        whole = mesh.devices.size > 1
+        if whole:  # the head is small: every device runs all of it (its few KV heads
+            # need not divide over tp), with the pure-JAX kernels
             kernels = AttentionKernels("native", ragged_paged_attention, write_kv)
-            zeros = jax.jit(lambda: jnp.zeros(self.kv_spec.shape, self.kv_spec.dtype),
-                            out_shardings=replicated)
-            self.k_cache, self.v_cache = zeros(), zeros()
-        else:
-            self.k_cache, self.v_cache = self.kv_spec.allocate(mesh)
+        self.k_cache, self.v_cache = self.kv_spec.allocate(mesh, split_heads=not whole)
         kv = self.k_cache.sharding
         self._fn = jax.jit(partial(propose, head.cfg, target_cfg, num_steps,
                                    target_kv.page_size, kernels, linear, dtype),
@@ -201,11 +199,11 @@ class EagleDrafter:
             self._executables[key] = exe
         return exe
 
-    def warm(self, target_top, batch: StepBatch, feature_size: int, dtype) -> None:
+    def warm(self, target_top, batch: StepBatch) -> None:
         """Compile (or load) the drafting of ``batch``'s bucket."""
         T, S = batch.shape
         spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self.replicated)  # noqa: E731
-        self._executable(target_top, spec((T, feature_size), dtype), batch,
+        self._executable(target_top, spec((T, self.feature_size), self.dtype), batch,
                          spec((S, self.num_steps + 1), jnp.int32), spec((S,), jnp.int32))
 
     def dispatch(self, target_top, features, batch: StepBatch, emitted, accepted) -> jax.Array:
@@ -215,8 +213,4 @@ class EagleDrafter:
                                                  self.v_cache, features, batch, emitted,
                                                  accepted)
         return drafts
-
-
-def feature_size(cfg: EagleHeadConfig, target_cfg) -> int:
-    return target_cfg.hidden_size * (len(cfg.capture) or 1)
 

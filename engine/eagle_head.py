@@ -27,12 +27,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from sgljax.engine.config import ModelConfig, ModelConfigError
+from sgljax.engine.weights import safetensors_getter
 
-KINDS = ("EAGLE", "EAGLE3")
 # HF tensor names inside a layer → the decoder's names (engine/model.py).
 _LAYER_TENSORS = {
     "self_attn.q_proj.weight": "q_proj", "self_attn.k_proj.weight": "k_proj",
@@ -47,7 +46,6 @@ _LAYER_TENSORS = {
 class EagleHeadConfig:
     kind: str  # EAGLE | EAGLE3
     layer: ModelConfig  # the head's decoder sizes, as a Llama config
-    draft_vocab_size: int  # EAGLE: the target's vocabulary
     # The target features it reads (model.forward's ``capture``): () the final hidden
     # state (EAGLE); EAGLE3: the layers whose inputs it reads, low to high.
     capture: tuple[int, ...]
@@ -60,7 +58,8 @@ class EagleHeadConfig:
 @dataclass
 class EagleHead:
     cfg: EagleHeadConfig
-    top: dict  # fc (D, F) [, fc_bias (D,)] [, embed (V, D)]; EAGLE3: norm, lm_head, hot
+    # numpy arrays: fc (D, F) [, fc_bias (D,)] [, embed (V, D)]; EAGLE3: norm, lm_head, hot
+    top: dict
     layers: list[dict]  # per draft layer, the decoder's names (engine/model.py)
 
 
@@ -75,32 +74,21 @@ def read_head_config(path: Path, kind: str, target: ModelConfig) -> EagleHeadCon
         if len(capture) != 3 or not all(0 <= i <= L for i in capture):
             raise ModelConfigError(f"{path}: EAGLE3 reads three of the target's {L} layers, "
                                    f"not {capture}")
-        return EagleHeadConfig(kind, layer, int(raw.get("draft_vocab_size") or layer.vocab_size),
-                               capture)
+        return EagleHeadConfig(kind, layer, capture)
     if layer.hidden_size != target.hidden_size:
         raise ModelConfigError(f"{path}: an EAGLE head's hidden size ({layer.hidden_size}) "
                                f"must be the target's ({target.hidden_size})")
-    return EagleHeadConfig(kind, layer, target.vocab_size, ())
+    return EagleHeadConfig(kind, layer, ())
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    files = sorted(path.glob("*.safetensors"))
-    out: dict[str, np.ndarray] = {}
-    if files:
-        from safetensors import safe_open
-        for f in files:
-            with safe_open(f, framework="flax") as st:
-                for name in st.keys():
-                    t = st.get_tensor(name)
-                    out[name] = np.asarray(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t)
-    elif (path / "pytorch_model.bin").is_file():  # a pickle: torch's to read, not ours
-        raise ModelConfigError(
+    if not any(path.glob("*.safetensors")) and (path / "pytorch_model.bin").is_file():
+        raise ModelConfigError(  # a pickle: torch's to read, not ours
             f"{path}: the head is a pytorch_model.bin; save it as safetensors once (with "
             "torch: safetensors.torch.save_file(torch.load('pytorch_model.bin'), "
             "'model.safetensors'))")
-    else:
-        raise ModelConfigError(f"{path}: no *.safetensors or pytorch_model.bin")
-    return {k.removeprefix("model."): v for k, v in out.items()}
+    get = safetensors_getter(path)
+    return {name.removeprefix("model."): get(name) for name in sorted(get.names)}
 
 
 def load_head(path: str | Path, kind: str, target: ModelConfig, dtype) -> EagleHead:
@@ -116,7 +104,7 @@ def load_head(path: str | Path, kind: str, target: ModelConfig, dtype) -> EagleH
     if missing or "fc.weight" not in tensors:
         raise ModelConfigError(f"{path}: not an {kind} head (no {(missing or ['fc.weight'])[0]}"
                                f"* tensors); EAGLE heads have layers.N, EAGLE3 heads a midlayer")
-    cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+    cast = lambda a: np.asarray(a).astype(dtype)  # noqa: E731  (placed on the mesh once, later)
     layers = [{ours: cast(tensors[p + hf]) for hf, ours in _LAYER_TENSORS.items()
                if p + hf in tensors} for p in prefixes]
     top = {"fc": cast(tensors["fc.weight"])}
@@ -143,5 +131,5 @@ def load_head(path: str | Path, kind: str, target: ModelConfig, dtype) -> EagleH
         if d2t.shape != (Vd,) or hot.min() < 0 or hot.max() >= target.vocab_size:
             raise ModelConfigError(f"{path}: d2t does not map the {Vd} draft tokens into the "
                                    f"target's vocabulary of {target.vocab_size}")
-        top["hot"] = jnp.asarray(hot, jnp.int32)
+        top["hot"] = hot.astype(np.int32)
     return EagleHead(cfg, top, layers)

@@ -135,7 +135,7 @@ class Engine(SpeechAPI):
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
             schedule_policy=args.schedule_policy, new_seqs_per_prefill=new_per_prefill,
             max_prefill_seqs=args.max_prefill_seqs,
-            head_drafts=args.num_draft_tokens if head else 0,
+            draft_head=head is not None,
             draft_lookahead=args.num_draft_tokens - 1 if head else 0),
             self.pool, self.prefix_cache, self.plan,
             drafter=NgramDrafter(args.num_draft_tokens,

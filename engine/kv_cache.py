@@ -78,8 +78,9 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.page_size * self.kv_heads * self.head_dim * jnp.dtype(
             self.dtype).itemsize
 
-    def allocate(self, mesh) -> tuple[jax.Array, jax.Array]:
-        """Zeroed K and V caches, split over the mesh's ``tp`` axis by KV head."""
-        sharding = NamedSharding(mesh, P(None, None, "tp", None, None))
+    def allocate(self, mesh, split_heads: bool = True) -> tuple[jax.Array, jax.Array]:
+        """Zeroed K and V caches, split over the mesh's ``tp`` axis by KV head (or, not
+        ``split_heads``, whole on every device)."""
+        sharding = NamedSharding(mesh, P(None, None, "tp", None, None) if split_heads else P())
         make = jax.jit(lambda: jnp.zeros(self.shape, self.dtype), out_shardings=sharding)
         return make(), make()

@@ -34,7 +34,7 @@ from sgljax.engine.grammar import fill_masks, mask_words
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.mesh import global_array
 from sgljax.engine import cpu_kernels
-from sgljax.engine.eagle_draft import EagleDrafter, feature_size
+from sgljax.engine.eagle_draft import EagleDrafter
 from sgljax.engine.eagle_head import EagleHead
 from sgljax.engine.model import Decoder, forward
 from sgljax.engine.weight_forms import fuse_projections, unstack_layers
@@ -163,7 +163,6 @@ class ModelRunner:
         self.eagle = (EagleDrafter(head, model.cfg, kv_spec, mesh, self.kernels, head_linear,
                                    act_dtype, num_draft_tokens, self._load_or_compile)
                       if head is not None else None)
-        self.act_dtype = act_dtype
         self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers
         self._zero_adjust: dict[int, LogitAdjust] = {}
         self._open_grammar: dict[int, GrammarMask] = {}
@@ -400,8 +399,7 @@ class ModelRunner:
         self._executable(batch, sbatch, self._device_adjust(batch, None),
                          self._device_grammar(batch, None))
         if self.eagle is not None:
-            self.eagle.warm(self.state[0], batch,
-                            feature_size(self.eagle.cfg, self.model.cfg), self.act_dtype)
+            self.eagle.warm(self.state[0], batch)
 
 
 def pack_audio_embeds(sched: ScheduledBatch, T: int, hidden: int):

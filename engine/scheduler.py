@@ -52,7 +52,7 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
     new_seqs_per_prefill: int = 1  # new prompts one step takes
     max_prefill_seqs: int = 8  # prompt chunks one step holds
-    head_drafts: int = 0  # EAGLE: drafts a step's head proposes for each sequence's next
+    draft_head: bool = False  # EAGLE: drafts come from the head's proposals (``proposed``)
     draft_lookahead: int = 0  # EAGLE: positions past a sampling row its drafting writes
 
 
@@ -61,7 +61,7 @@ class Scheduler:
                  plan: BucketPlan, drafter: NgramDrafter | None = None):
         self.cfg = cfg
         self.drafter = drafter
-        self.speculating = drafter is not None or cfg.head_drafts > 0
+        self.speculating = drafter is not None or cfg.draft_head
         self.draft_seconds = 0.0  # host time spent proposing drafts
         self.plan = plan
         self.pool = pool
