@@ -30,16 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from sgljax.engine.config import ModelConfig, ModelConfigError
-from sgljax.engine.weights import safetensors_getter
+from sgljax.engine.weights import LAYER_TENSORS, safetensors_getter
 
-# HF tensor names inside a layer → the decoder's names (engine/model.py).
-_LAYER_TENSORS = {
-    "self_attn.q_proj.weight": "q_proj", "self_attn.k_proj.weight": "k_proj",
-    "self_attn.v_proj.weight": "v_proj", "self_attn.o_proj.weight": "o_proj",
-    "mlp.gate_proj.weight": "gate_proj", "mlp.up_proj.weight": "up_proj",
-    "mlp.down_proj.weight": "down_proj", "input_layernorm.weight": "input_norm",
-    "post_attention_layernorm.weight": "post_attn_norm", "hidden_norm.weight": "hidden_norm",
-}
+# The decoder's per-layer names → HF's (engine/weights.py), and EAGLE3's second input norm.
+_LAYER_TENSORS = {**{ours: hf for ours, hf in LAYER_TENSORS.items() if "{e}" not in hf},
+                  "hidden_norm": "hidden_norm.weight"}
 
 
 @dataclass(frozen=True)
@@ -105,7 +100,7 @@ def load_head(path: str | Path, kind: str, target: ModelConfig, dtype) -> EagleH
         raise ModelConfigError(f"{path}: not an {kind} head (no {(missing or ['fc.weight'])[0]}"
                                f"* tensors); EAGLE heads have layers.N, EAGLE3 heads a midlayer")
     cast = lambda a: np.asarray(a).astype(dtype)  # noqa: E731  (placed on the mesh once, later)
-    layers = [{ours: cast(tensors[p + hf]) for hf, ours in _LAYER_TENSORS.items()
+    layers = [{ours: cast(tensors[p + hf]) for ours, hf in _LAYER_TENSORS.items()
                if p + hf in tensors} for p in prefixes]
     top = {"fc": cast(tensors["fc.weight"])}
     if "fc.bias" in tensors:
