@@ -81,11 +81,15 @@ def over_kv_heads(fn: Callable, mesh, outputs: int = 1) -> Callable:
     Attention's q (T, H, D) and the write's new k/v (T, KV, D) split on their head axis,
     the caches (L, pages, KV, page_size, D) on theirs; everything else is replicated."""
     heads, cache = P(None, TP, None), P(None, None, TP, None, None)
-    if outputs == 1:  # attention: q, k_cache, v_cache, layer, page_table, cu_q_lens, kv_lens, n
-        in_specs = (heads, cache, cache, P(), P(), P(), P(), P())
-        out_specs = heads
-    else:  # write: k_cache, v_cache, layer, slots, k_new, v_new
-        in_specs = (cache, cache, P(), P(), heads, heads)
-        out_specs = (cache, cache)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)
+    if outputs == 1:  # attention: q, k_cache, v_cache, layer, page_table, cu_q_lens, kv_lens,
+        # n (and tree_bits, replicated)
+        def attention(*args, tree_bits=None):
+            extra = () if tree_bits is None else (tree_bits,)
+            per_shard = lambda *a: fn(*a[:8], tree_bits=a[8] if extra else None)  # noqa: E731
+            specs = (heads, cache, cache, P(), P(), P(), P(), P()) + (P(),) * len(extra)
+            return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=heads,
+                                 check_vma=False)(*args, *extra)
+        return attention
+    # write: k_cache, v_cache, layer, slots, k_new, v_new
+    return jax.shard_map(fn, mesh=mesh, in_specs=(cache, cache, P(), P(), heads, heads),
+                         out_specs=(cache, cache), check_vma=False)

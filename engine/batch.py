@@ -75,6 +75,11 @@ class StepBatch:
     # EAGLE (engine/eagle_draft.py): (S,) int32 the token after a prompt chunk that stops
     # short of the prompt's end, -1 for rows that sample.
     chunk_next: jax.Array | None = None
+    # Token trees (--speculative-eagle-topk > 1): (S, k) int32 each draft's parent node
+    # (0: the row's last token, j: draft j), and (T,) int32 which of the 31 positions
+    # before it each token sees (kernels/paged_attention.py); None for chains.
+    draft_parents: jax.Array | None = None
+    tree_bits: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -36,7 +36,10 @@ class SplitAttention:
     chunk: Callable
     decode: Callable
 
-    def __call__(self, q, k_cache, v_cache, layer, page_table, *args):
+    def __call__(self, q, k_cache, v_cache, layer, page_table, *args, tree_bits=None):
+        if tree_bits is not None:  # token trees: only the vector kernel masks by key
+            return self.decode(q, k_cache, v_cache, layer, page_table, *args,
+                               tree_bits=tree_bits)
         fn = self.chunk if q.shape[0] > page_table.shape[0] else self.decode
         return fn(q, k_cache, v_cache, layer, page_table, *args)
 

@@ -161,7 +161,7 @@ def attend(ctx: StepContext, w: Weights, layer: jax.Array, x: jax.Array,
     q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     k_cache, v_cache = ctx.write_kv(k_cache, v_cache, layer, batch.slots, k, v)
     attn = ctx.attention(q, k_cache, v_cache, layer, batch.page_table, batch.cu_q_lens,
-                         batch.kv_lens, batch.num_seqs)
+                         batch.kv_lens, batch.num_seqs, tree_bits=batch.tree_bits)
     return ctx.mm(w, "o_proj", layer, attn.reshape(x.shape[1], nh * hd).T), k_cache, v_cache
 
 

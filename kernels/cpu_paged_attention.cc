@@ -26,6 +26,10 @@
 // keys (SmolLM2's heads, benchmarks/attention_kernels.py): ~30 GB/s of K+V on an idle
 // 2-core machine, its read ceiling, for float32 and float16 caches.
 //
+// Token trees (speculative decoding): tree_bits (T,) or (0,) narrows what a query sees
+// among the 31 keys before it (bit d: the key d back; kernels/paged_attention.py). Units
+// holding a token with bits other than -1 run the scalar path, which tests each key.
+//
 // bf16_products rounds q, k, v and the probabilities to bfloat16 and keeps every sum
 // in float32 (the reference's ragged_paged_attention(..., bf16_products=True)).
 
@@ -95,13 +99,17 @@ inline float RoundBf16(float x) {  // to bfloat16, nearest even, and back
 struct Unit {
   int64_t s, t0, n;  // tokens [t0, t0 + n) of sequence s
   int64_t cost;  // keys x tokens, for the longest-first order
+  bool tree;  // a token of it sees only some of the keys just before it
 };
+
+constexpr int64_t kTreeSpan = 32;  // keys back that tree_bits covers
 
 struct Job : sgljax::PagedArgs {  // the caches' element type is the T of RunUnit<T>
   const float* q;
   float* out;
   bool bf16;
   int64_t window;  // 0: every key up to the query
+  const int32_t* tree_bits;  // (T,) or nullptr: no trees
   std::vector<Unit> units;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -112,6 +120,7 @@ struct Job : sgljax::PagedArgs {  // the caches' element type is the T of RunUni
 struct Scratch {
   std::vector<float> q, acc, m, l, p;
   int64_t pos[kBlockTokens], lo[kBlockTokens];
+  int32_t bits[kBlockTokens];  // tree_bits of the unit's tokens (-1: causal)
   alignas(64) float kw[16 * 128];  // a tile's rows widened (or rounded) to float32
   alignas(64) float vw[16 * 128];
 };
@@ -123,6 +132,7 @@ void Begin(const Job& j, const Unit& u, Scratch& w) {
   for (int64_t i = 0; i < u.n; ++i) {
     w.pos[i] = j.Pos(u.s, u.t0 + i);
     w.lo[i] = j.window > 0 ? std::max<int64_t>(0, w.pos[i] - j.window + 1) : 0;
+    w.bits[i] = j.tree_bits ? j.tree_bits[u.t0 + i] : -1;
   }
   w.q.resize(u.n * HD);
   const float* q = j.q + u.t0 * HD;
@@ -439,11 +449,16 @@ void RunUnitGeneric(const Job& j, const Unit& u, Scratch& w) {
         const int64_t a = std::max<int64_t>(0, w.lo[i] - key0);
         const int64_t b = std::min(rows, w.pos[i] - key0 + 1);
         if (a >= b) continue;
+        auto seen = [&](int64_t r) {  // tree_bits: is key key0 + r visible to token i?
+          const int64_t back = w.pos[i] - key0 - r;
+          return back >= kTreeSpan || ((w.bits[i] >> back) & 1);
+        };
         for (int64_t g = 0; g < group; ++g) {
           const int64_t x = i * j.H + kh * group + g;
           const float* q = w.q.data() + x * D;
           float top = w.m[x];
           for (int64_t r = a; r < b; ++r) {
+            if (!seen(r)) continue;
             float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t d = 0; d < D; ++d) dot += q[d] * k[r * D + d];
@@ -458,6 +473,7 @@ void RunUnitGeneric(const Job& j, const Unit& u, Scratch& w) {
             w.m[x] = top;
           }
           for (int64_t r = a; r < b; ++r) {
+            if (!seen(r)) continue;
             float e = std::exp(sc[r] - top);
             w.l[x] += e;
             if (j.bf16) e = RoundBf16(e);
@@ -473,6 +489,7 @@ void RunUnitGeneric(const Job& j, const Unit& u, Scratch& w) {
 
 template <typename T>
 void RunUnit(const Job& j, const Unit& u, Scratch& w) {
+  if (u.tree) return RunUnitGeneric<T>(j, u, w);
 #if defined(__AVX512F__)
   if (j.D == 64) return RunUnitAvx<4, T>(j, u, w);
   if (j.D == 128) return RunUnitAvx<8, T>(j, u, w);
@@ -495,8 +512,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                           ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> page_table,
                           ffi::Buffer<ffi::S32> cu_q_lens, ffi::Buffer<ffi::S32> kv_lens,
-                          ffi::Buffer<ffi::S32> num_seqs, bool bf16_products,
-                          int64_t sliding_window, ffi::ResultBuffer<ffi::F32> out) {
+                          ffi::Buffer<ffi::S32> num_seqs, ffi::Buffer<ffi::S32> tree_bits,
+                          bool bf16_products, int64_t sliding_window,
+                          ffi::ResultBuffer<ffi::F32> out) {
   auto job = std::make_shared<Job>();
   if (auto err = sgljax::ReadPagedArgs("paged attention", q.dimensions(), k_cache, v_cache,
                                        layer, page_table, cu_q_lens, kv_lens, num_seqs, *job);
@@ -507,6 +525,10 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   job->out = out->typed_data();
   job->bf16 = bf16_products;
   job->window = std::max<int64_t>(0, sliding_window);
+  if (tree_bits.element_count() != 0 && tree_bits.element_count() != job->T) {
+    return ffi::Error::InvalidArgument("paged attention: tree_bits must be (T,) or (0,)");
+  }
+  job->tree_bits = tree_bits.element_count() ? tree_bits.typed_data() : nullptr;
   const int64_t HD = job->H * job->D;
   std::fill(job->out, job->out + job->RealBegin() * HD, 0.0f);  // padding tokens
   std::fill(job->out + job->RealEnd() * HD, job->out + job->T * HD, 0.0f);
@@ -514,7 +536,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     for (int64_t t0 = job->cu[s]; t0 < job->cu[s + 1]; t0 += kBlockTokens) {
       const int64_t n = std::min<int64_t>(kBlockTokens, job->cu[s + 1] - t0);
       const int64_t cost = n * (job->Pos(s, t0 + n - 1) + 1);
-      job->units.push_back({s, t0, n, cost});
+      bool tree = false;
+      for (int64_t t = t0; job->tree_bits && t < t0 + n; ++t) tree |= job->tree_bits[t] != -1;
+      job->units.push_back({s, t0, n, cost, tree});
     }
   }
   std::stable_sort(job->units.begin(), job->units.end(),
@@ -540,6 +564,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SgljaxPagedAttention, PagedAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // cu_q_lens
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
                                   .Arg<ffi::Buffer<ffi::S32>>()  // num_seqs
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // tree_bits
                                   .Attr<bool>("bf16_products")
                                   .Attr<int64_t>("sliding_window")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -23,12 +23,20 @@ the step sees: the page table is padded to the context length at no cost (one
 shape serves every length). Gathering per token is simple and exact; the
 kernels read each page once per sequence instead.
 ``ragged_attention_reference`` is the one-shot version the others are tested against.
+
+Token trees (speculative decoding, engine/speculative.py): ``tree_bits`` (T,) int32
+narrows what a query token sees among the 31 positions before its own. Bit ``d``
+set: the key ``d`` positions back is visible (bit 0 is the token itself). A verify
+row of tree nodes sets the bits of each node's ancestors and every bit past the
+row's start (the cached prefix); -1 (all bits) is plain causal attention. Positions
+32 and more back are always visible: a tree has at most 32 nodes.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MASK_VALUE = -1e30  # finite, so rows with nothing to attend to stay NaN-free
 BLOCK_PAGES = 8  # pages per block: 128 tokens at page size 16, the fastest of 2-40 measured on CPU
@@ -59,12 +67,32 @@ def token_layout(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, 
     return seq, jnp.where(real, pos, 0), real
 
 
+TREE_SPAN = 32  # positions back that tree_bits covers
+
+
+def tree_bits_of(parents) -> np.ndarray:
+    """The tree_bits of a row of tree nodes: node 0 (the row's first token) and nodes
+    1..n, where ``parents[j]`` (< j + 1) is node j + 1's parent. (n + 1,) int32."""
+    bits = [-1]
+    for i in range(1, len(parents) + 1):
+        seen, node = (-1 << i) | 1, i  # itself, node 0 (i back) and everything before
+        while node:
+            node = int(parents[node - 1])
+            seen |= 1 << (i - node)
+        bits.append(seen)
+    return np.asarray(bits, np.int64).astype(np.int32)  # wraps bit 31 to the sign
+
+
 def visible(key_pos: jax.Array, pos: jax.Array, real: jax.Array,
-            sliding_window: int | None) -> jax.Array:
+            sliding_window: int | None, tree_bits: jax.Array | None = None) -> jax.Array:
     """(T, K) mask: key positions each query token sees."""
-    seen = (key_pos[None, :] <= pos[:, None]) & real[:, None]
+    back = pos[:, None] - key_pos[None, :]
+    seen = (back >= 0) & real[:, None]
     if sliding_window is not None:
-        seen &= key_pos[None, :] > pos[:, None] - sliding_window
+        seen &= back < sliding_window
+    if tree_bits is not None:
+        bit = (tree_bits[:, None] >> jnp.clip(back, 0, TREE_SPAN - 1)) & 1
+        seen &= (back >= TREE_SPAN) | (bit == 1)
     return seen
 
 
@@ -81,6 +109,7 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     block_pages: int = BLOCK_PAGES,
     bf16_products: bool = False,
+    tree_bits: jax.Array | None = None,  # (T,) int32: token trees (the module doc)
 ) -> jax.Array:
     """(T, H, D) attention output in q's dtype; padding tokens give zeros.
 
@@ -112,7 +141,8 @@ def ragged_paged_attention(
             k, v = round_bf16(k), round_bf16(v)
         scores = jnp.einsum("tkgd,tbkpd->tkgbp", qg, k, preferred_element_type=jnp.float32)
         scores = scores.reshape(T, kvh, group, block_tokens)
-        seen = visible(b * block_tokens + jnp.arange(block_tokens), pos, real, sliding_window)
+        seen = visible(b * block_tokens + jnp.arange(block_tokens), pos, real, sliding_window,
+                       tree_bits)
         scores = jnp.where(seen[:, None, None], scores, MASK_VALUE)
         new_max = jnp.maximum(running_max, scores.max(-1))
         probs = jnp.exp(scores - new_max[..., None])
@@ -135,7 +165,8 @@ def ragged_paged_attention(
 
 
 def ragged_attention_reference(q, k_cache, v_cache, layer, page_table, cu_q_lens, kv_lens,
-                               num_seqs, *, sliding_window: int | None = None) -> jax.Array:
+                               num_seqs, *, sliding_window: int | None = None,
+                               tree_bits: jax.Array | None = None) -> jax.Array:
     """All of each token's sequence pages at once: gather (T, P * page_size) keys, one softmax."""
     T, H, D = q.shape
     kvh, page_size = k_cache.shape[2], k_cache.shape[3]
@@ -151,7 +182,7 @@ def ragged_attention_reference(q, k_cache, v_cache, layer, page_table, cu_q_lens
     qg = q.reshape(T, kvh, group, D)
     scores = jnp.einsum("tkgd,tkpd->tkgp", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(D)))
-    seen = visible(jnp.arange(tokens), pos, real, sliding_window)
+    seen = visible(jnp.arange(tokens), pos, real, sliding_window, tree_bits)
     scores = jnp.where(seen[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(jnp.promote_types(v.dtype, q.dtype))
     out = jnp.einsum("tkgp,tkpd->tkgd", probs, v).astype(jnp.float32)

@@ -35,6 +35,10 @@ Attention design
   to padding. The wrapper pads the token axis by one block so no DMA runs off the
   end, and zeroes rows at and past ``cu_q_lens[num_seqs]`` (padding tokens).
 
+Token trees (``tree_bits``, kernels/paged_attention.py): the wrapper lays each token's
+bits out per row, like q, and the kernel DMAs a block's bits beside its queries; a
+key fewer than 32 positions before a row's query is visible only where its bit is set.
+
 Block sizes come from ``block_sizes``: q tokens per block so that a block's rows
 (``q_block * group``) fill about 128 MXU rows for prefill-shaped steps and stay
 small for decode-shaped steps, rounded to the sublane tile of the dtype; kv pages
@@ -119,11 +123,14 @@ def block_sizes(num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: 
 
 
 def _attention_kernel(layer_ref, table_ref, cu_ref, kv_lens_ref, num_seqs_ref,  # SMEM
-                      q_hbm, k_hbm, v_hbm,  # HBM inputs
-                      o_hbm,  # HBM output
-                      q_buf, o_buf, k_buf, v_buf, k_sem, v_sem, io_sem, carry_ref,  # scratch
-                      *, q_block, kv_pages, page_size, group, num_slots, pages_per_seq,
-                      sliding_window, scale, compute_dtype):
+                      q_hbm, k_hbm, v_hbm, *refs,  # HBM inputs (bits_hbm with trees)
+                      q_block, kv_pages, page_size, group, num_slots, pages_per_seq,
+                      sliding_window, scale, compute_dtype, tree):
+    if tree:
+        bits_hbm, o_hbm, q_buf, o_buf, k_buf, v_buf, k_sem, v_sem, io_sem, carry_ref, \
+            bits_buf = refs
+    else:
+        o_hbm, q_buf, o_buf, k_buf, v_buf, k_sem, v_sem, io_sem, carry_ref = refs
     head = pl.program_id(0)
     s = pl.program_id(1)
     rows = q_block * group
@@ -184,6 +191,11 @@ def _attention_kernel(layer_ref, table_ref, cu_ref, kv_lens_ref, num_seqs_ref,  
         q_copy = pltpu.make_async_copy(q_hbm.at[head, pl.ds(p["row0"], rows)], q_buf,
                                        io_sem.at[0])
         q_copy.start()
+        if tree:
+            bits_copy = pltpu.make_async_copy(bits_hbm.at[pl.ds(p["row0"], rows)], bits_buf,
+                                              io_sem.at[1])
+            bits_copy.start()
+            bits_copy.wait()
         q_copy.wait()
         qv = q_buf[...].astype(compute_dtype)
         row = jax.lax.broadcasted_iota(jnp.int32, (rows, kv_tokens), 0)
@@ -223,6 +235,11 @@ def _attention_kernel(layer_ref, table_ref, cu_ref, kv_lens_ref, num_seqs_ref,  
             seen = rel * group <= row
             if sliding_window is not None:
                 seen &= row < (rel + sliding_window) * group
+            if tree:  # keys under 32 back: where the row's token has their bit
+                back = row // group - rel
+                bit = jax.lax.shift_right_arithmetic(
+                    bits_buf[...], jnp.clip(back, 0, 31)) & 1
+                seen &= (back >= 32) | (bit == 1)
             key_pos = key0 + key_col
             in_range = (key_pos >= p["lo_pos"]) & (key_pos <= p["last_pos"])  # rows DMA'd
             k = k_buf[slot].astype(compute_dtype)
@@ -276,6 +293,7 @@ def ragged_paged_attention_pallas(
     interpret=None,
     q_block: int | None = None,
     kv_pages: int | None = None,
+    tree_bits: jax.Array | None = None,  # (T,) int32: token trees
 ) -> jax.Array:
     """(T, H, D) attention in q's dtype; padding tokens give zeros. See the module doc."""
     T, H, D = q.shape
@@ -296,12 +314,17 @@ def ragged_paged_attention_pallas(
     kernel = functools.partial(
         _attention_kernel, q_block=q_block, kv_pages=kv_pages, page_size=page_size,
         group=group, num_slots=S, pages_per_seq=P, sliding_window=sliding_window,
-        scale=1.0 / math.sqrt(D), compute_dtype=compute_dtype)
+        scale=1.0 / math.sqrt(D), compute_dtype=compute_dtype, tree=tree_bits is not None)
+    tree_inputs, tree_scratch = (), []
+    if tree_bits is not None:  # per row of qr's layout: token t's bits on its group rows
+        bits = jnp.repeat(jnp.pad(jnp.asarray(tree_bits, jnp.int32), (0, q_block),
+                                  constant_values=-1), group)
+        tree_inputs, tree_scratch = (bits[:, None],), [pltpu.VMEM((rows, 1), jnp.int32)]
     kv_tokens = kv_pages * page_size
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
         grid=(KV, S),
-        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * 3,
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)] * (3 + len(tree_inputs)),
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
         scratch_shapes=[
             pltpu.VMEM((rows, D), q.dtype),
@@ -312,6 +335,7 @@ def ragged_paged_attention_pallas(
             pltpu.SemaphoreType.DMA((2,)),
             pltpu.SemaphoreType.DMA((2,)),
             pltpu.SMEM((2,), jnp.int32),
+            *tree_scratch,
         ],
     )
     out = pl.pallas_call(
@@ -327,7 +351,7 @@ def ragged_paged_attention_pallas(
         jnp.asarray(cu_q_lens, jnp.int32),
         jnp.asarray(kv_lens, jnp.int32),
         jnp.reshape(jnp.asarray(num_seqs, jnp.int32), (1,)),
-        qr, k_cache, v_cache,
+        qr, k_cache, v_cache, *tree_inputs,
     )
     out = out[:, : T * group].reshape(KV, T, group, D).transpose(1, 0, 2, 3).reshape(T, H, D)
     real = jnp.arange(T, dtype=jnp.int32) < jnp.asarray(cu_q_lens, jnp.int32)[num_seqs]

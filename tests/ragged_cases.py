@@ -23,6 +23,7 @@ class RaggedCase:
     kv_lens: np.ndarray  # (S,)
     num_seqs: int
     q_lens: list[int]
+    tree_bits: np.ndarray | None = None  # (T,) int32: token trees (kernels/paged_attention.py)
 
     def args(self, dtype=np.float32):
         """Positional arguments of the ragged attention contract (numpy)."""
@@ -75,9 +76,14 @@ def dense_answer(case: RaggedCase, sliding_window: int | None = None) -> np.ndar
         for j in range(n):
             pos = case.kv_lens[s] - n + j
             lo = 0 if sliding_window is None else max(0, pos - sliding_window + 1)
-            sc = np.einsum("hd,thd->ht", q[start + j], k[lo:pos + 1]) / np.sqrt(D)
+            keys = np.arange(lo, pos + 1)
+            if case.tree_bits is not None:  # the 31 keys before: only where a bit is set
+                back = pos - keys
+                bits = int(case.tree_bits[start + j]) & 0xFFFFFFFF
+                keys = keys[(back >= 32) | ((bits >> np.minimum(back, 31)) & 1 == 1)]
+            sc = np.einsum("hd,thd->ht", q[start + j], k[keys]) / np.sqrt(D)
             p = np.exp(sc - sc.max(-1, keepdims=True))
-            out[start + j] = np.einsum("ht,thd->hd", p / p.sum(-1, keepdims=True), v[lo:pos + 1])
+            out[start + j] = np.einsum("ht,thd->hd", p / p.sum(-1, keepdims=True), v[keys])
     return out
 
 
@@ -94,3 +100,21 @@ def random_case(rng, *, page_size: int, group: int, kind: str, max_seqs: int = 5
     else:
         ql = [1 if rng.random() < 0.5 else int(rng.integers(1, k + 1)) for k in kv]
     return make_case(rng, kv, ql, page_size=page_size, group=group, **kw)
+
+
+def tree_case(rng, *, page_size: int, group: int, dim: int = 8, kv_heads: int = 2,
+              **kw) -> RaggedCase:
+    """Verify rows of random token trees (1 to 32 nodes, some past 32 cached tokens, on
+    and off page edges) beside decode tokens and a prompt chunk; tree_bits set."""
+    from sgljax.kernels.paged_attention import tree_bits_of
+    nodes = [int(rng.integers(1, 33)) for _ in range(3)] + [32]
+    kv = [n + int(rng.integers(0, 50)) for n in nodes] + [int(rng.integers(1, 40)), 45]
+    ql = nodes + [1, 20]
+    case = make_case(rng, kv, ql, page_size=page_size, group=group, dim=dim,
+                     kv_heads=kv_heads, **kw)
+    bits = np.full(case.q.shape[0], -1, np.int32)
+    for s, n in enumerate(nodes):
+        parents = [int(rng.integers(0, j + 1)) for j in range(n - 1)]
+        bits[case.cu_q_lens[s]:case.cu_q_lens[s] + n] = tree_bits_of(parents)
+    case.tree_bits = bits
+    return case

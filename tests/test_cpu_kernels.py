@@ -13,7 +13,7 @@ import pytest
 from sgljax.kernels import cpu_paged_attention as kernel
 from sgljax.kernels import cpu_amx_attention, cpu_amx_linear, cpu_bf16_linear, cpu_linear
 from sgljax.kernels.paged_attention import ragged_paged_attention
-from ragged_cases import dense_answer, make_case, random_case
+from ragged_cases import dense_answer, make_case, random_case, tree_case
 
 
 def test_builds_where_a_compiler_is():
@@ -302,3 +302,14 @@ def _same_until_a_near_tie(a, b, tol):
     if part < len(ids_a):
         (first, lp1), (second, lp2) = a["top_logprobs"][part][:2]
         assert {first, second} == {ids_a[part], ids_b[part]} and lp1 - lp2 < tol
+
+
+@needs_kernel
+@pytest.mark.parametrize("page,group,dim", [(16, 3, 64), (4, 2, 8), (1, 1, 32)])
+def test_token_trees_see_only_their_ancestors(page, group, dim):
+    """Verify rows of token trees (tree_bits) beside decode tokens and a prompt chunk."""
+    rng = np.random.default_rng(page + group + dim)
+    for _ in range(2):
+        case = tree_case(rng, page_size=page, group=group, dim=dim)
+        got = _run(case, tree_bits=jnp.asarray(case.tree_bits))
+        np.testing.assert_allclose(got, dense_answer(case), rtol=2e-5, atol=2e-5)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from sgljax.kernels.paged_attention import (ragged_attention_reference, ragged_paged_attention,
-                                            write_kv)
-from ragged_cases import dense_answer, make_case, random_case
+                                            tree_bits_of, write_kv)
+from ragged_cases import dense_answer, make_case, random_case, tree_case
 
 
 def _check(case, fn, tol=2e-5, **kw):
     got = np.asarray(fn(*map(jnp.asarray, case.args()), **kw))
-    want = dense_answer(case, kw.get("sliding_window"))
+    want = dense_answer(case, kw.get("sliding_window"))  # case.tree_bits: with trees
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)  # padding tokens too: zeros
 
 
@@ -73,3 +73,21 @@ def test_write_kv_puts_each_token_in_its_page_and_offset():
         np.testing.assert_array_equal(kc[1, slot // ps, :, slot % ps], k_new[i])
     np.testing.assert_array_equal(np.asarray(vc)[1, 5, :, 3], -k_new[0])
     assert not kc[0].any()  # the other layer is untouched
+
+
+@pytest.mark.parametrize("page_size,group,block_pages", [(4, 3, 2), (16, 2, 8)])
+def test_token_trees_see_only_their_ancestors(page_size, group, block_pages):
+    rng = np.random.default_rng(page_size + group)
+    for _ in range(3):
+        case = tree_case(rng, page_size=page_size, group=group)
+        bits = jnp.asarray(case.tree_bits)
+        _check(case, ragged_paged_attention, block_pages=block_pages, tree_bits=bits)
+        _check(case, ragged_attention_reference, tree_bits=bits)
+
+
+def test_tree_bits_of_a_row():
+    # 0 -> 1 -> 3, 0 -> 2: node 3 sees itself, node 1 (2 back) and node 0 (3 back).
+    bits = tree_bits_of([0, 0, 1]).astype(np.int64) & 0xFFFFFFFF
+    assert [b & 0b1111 for b in bits] == [0b1111, 0b1111, 0b1101, 0b1101]
+    assert all(b >> 4 == (0xFFFFFFFF >> 4) for b in bits)  # the prefix: always
+    assert tree_bits_of([0, 1, 2]).tolist() == [-1] * 4  # a chain is causal

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from ragged_cases import RaggedCase, dense_answer, make_case
+from ragged_cases import RaggedCase, dense_answer, make_case, tree_case
 from sgljax.kernels.paged_attention import ragged_attention_reference, write_kv
 from sgljax.kernels.pallas_attention import (block_sizes, pallas_write_kv,
                                              ragged_paged_attention_pallas)
@@ -243,9 +243,10 @@ def test_write_kv(cache_dtype):
                                                       v_new)[0][0, 1:]))
 
 
-@pytest.mark.parametrize("dtype,page_size,group,window", [
-    (jnp.bfloat16, 16, 4, None), (jnp.float32, 16, 2, 32), (jnp.bfloat16, 64, 8, None)])
-def test_lowers_to_mosaic_for_tpu(monkeypatch, dtype, page_size, group, window):
+@pytest.mark.parametrize("dtype,page_size,group,window,tree", [
+    (jnp.bfloat16, 16, 4, None, False), (jnp.float32, 16, 2, 32, False),
+    (jnp.bfloat16, 64, 8, None, False), (jnp.bfloat16, 16, 4, None, True)])
+def test_lowers_to_mosaic_for_tpu(monkeypatch, dtype, page_size, group, window, tree):
     """Without a TPU: Pallas' Mosaic lowering (the Python half of the TPU compile) accepts
     both kernels at TPU-like shapes (head dim 128). The Mosaic compiler itself only runs
     on a TPU. Needs a TpuInfo for this host (a private registry; skipped if it moved)."""
@@ -257,17 +258,18 @@ def test_lowers_to_mosaic_for_tpu(monkeypatch, dtype, page_size, group, window):
     except (ImportError, AttributeError) as e:
         pytest.skip(f"no TpuInfo registry: {e}")
     try:
-        _lower_both(dtype, page_size, group, window)
+        _lower_both(dtype, page_size, group, window, tree)
     finally:
         tpu_info.get_tpu_info.cache_clear()
 
 
-def _lower_both(dtype, page_size, group, window):
+def _lower_both(dtype, page_size, group, window, tree=False):
     rng = np.random.default_rng(0)
     case = make_case(rng, [50, 90, 1, 120], [1, 90, 1, 40], page_size=page_size, group=group,
                      dim=128)
+    bits = jnp.full((case.q.shape[0],), -1, jnp.int32) if tree else None
     attn = jax.jit(lambda *a: ragged_paged_attention_pallas(*a, sliding_window=window,
-                                                            interpret=False))
+                                                            interpret=False, tree_bits=bits))
     text = attn.trace(*case.args(dtype)).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
     k = jnp.zeros(case.k_cache.shape, dtype)
@@ -276,3 +278,14 @@ def _lower_both(dtype, page_size, group, window):
     text = write.trace(k, k, jnp.int32(1), jnp.zeros((5,), jnp.int32), new, new).lower(
         lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
+
+
+@pytest.mark.parametrize("page_size,group,blocks", [(4, 3, dict(q_block=4, kv_pages=2)),
+                                                    (16, 2, dict())])
+def test_token_trees_see_only_their_ancestors(page_size, group, blocks):
+    rng = np.random.default_rng(page_size * 7 + group)
+    case = tree_case(rng, page_size=page_size, group=group)
+    fn = jax.jit(lambda *a, bits: ragged_paged_attention_pallas(
+        *a, interpret=EAGER, tree_bits=bits, **blocks))
+    out = np.asarray(fn(*case.args(), bits=jnp.asarray(case.tree_bits)))
+    np.testing.assert_allclose(out, dense_answer(case), rtol=F32_TOL, atol=F32_TOL)
