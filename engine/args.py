@@ -101,11 +101,14 @@ class EngineArgs:
         None, "EAGLE / EAGLE3: the draft head's folder (config.json and safetensors, HF layout).")
     speculative_num_draft_tokens: int = _flag(
         4, "NGRAM: draft tokens verified a decode step at most. EAGLE / EAGLE3: tokens a "
-        "verify row holds, its last token included (num-steps + 1 for a chain).")
+        "verify row holds, its last token included: num-steps + 1 for a chain (set so), the "
+        "tree's nodes + 1 with --speculative-eagle-topk above 1 (at most 32).")
     speculative_num_steps: int = _flag(
-        3, "EAGLE / EAGLE3: draft head passes a step, each proposing one draft token.")
+        3, "EAGLE / EAGLE3: draft head passes a step: the depth of its chain or tree.")
     speculative_eagle_topk: int = _flag(
-        1, "EAGLE / EAGLE3: branches per draft step (1: a chain; token trees are not built).")
+        1, "EAGLE / EAGLE3: branches per draft step: 1 drafts a chain, more a token tree "
+        "(the head's top-k at each of its top-k nodes; the best-scored nodes are verified "
+        "in one step with a tree attention mask).")
     speculative_ngram_min_match_window_size: int = _flag(
         1, "NGRAM: the shortest run of last tokens looked up.")
     speculative_ngram_max_match_window_size: int = _flag(
@@ -177,11 +180,19 @@ class EngineArgs:
             if not self.speculative_draft_model_path:
                 raise ValueError(f"--speculative-algorithm {self.speculative_algorithm} needs "
                                  "--speculative-draft-model-path (the draft head's folder)")
-            if self.speculative_eagle_topk != 1:
-                raise ValueError("--speculative-eagle-topk: token trees (top-k > 1) are not "
-                                 "built yet; 1 drafts a chain")
-            # A chain verifies its steps' tokens after the row's last one (SGLang's rule).
-            self.speculative_num_draft_tokens = self.speculative_num_steps + 1
+            k, steps = self.speculative_eagle_topk, self.speculative_num_steps
+            if k == 1:  # a chain verifies its steps' tokens after the row's last one (SGLang)
+                self.speculative_num_draft_tokens = steps + 1
+            elif (steps - 1) * k > 32:
+                raise ValueError(f"--speculative-num-steps {steps} x --speculative-eagle-topk "
+                                 f"{k}: a tree's frontier holds at most 32 positions "
+                                 "((num-steps - 1) x topk)")
+            else:
+                most = min(32, 1 + k + (steps - 1) * k * k)
+                if not 2 <= self.speculative_num_draft_tokens <= most:
+                    raise ValueError(f"--speculative-num-draft-tokens must be in 2..{most} for "
+                                     f"a tree of {steps} steps and top-{k} (the row's last "
+                                     "token and the tree's best nodes, at most 32)")
         elif self.speculative_draft_model_path:
             raise ValueError("--speculative-draft-model-path is for --speculative-algorithm "
                              "EAGLE or EAGLE3")
@@ -231,9 +242,23 @@ class EngineArgs:
     @property
     def num_draft_tokens(self) -> int:
         """Draft tokens a decode row verifies at most (0: no speculative decoding)."""
+        if self.draft_trees:
+            return self.speculative_num_draft_tokens - 1
         if self.eagle:
             return self.speculative_num_steps
         return self.speculative_num_draft_tokens if self.speculative_algorithm else 0
+
+    @property
+    def draft_trees(self) -> bool:
+        """EAGLE drafts token trees (top-k above 1), not chains."""
+        return self.eagle and self.speculative_eagle_topk > 1
+
+    @property
+    def draft_lookahead(self) -> int:
+        """Positions past a sampling row that the head's drafting writes (its frontiers)."""
+        if not self.eagle:
+            return 0
+        return (self.speculative_num_steps - 1) * self.speculative_eagle_topk
 
     @property
     def eagle(self) -> bool:

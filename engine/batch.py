@@ -33,8 +33,16 @@ class ScheduledBatch:
     # (its chunk is 1 + len(drafts)); empty without speculation (engine/speculative.py).
     drafts: list[list[int]] = field(default_factory=list)
 
+    # Token trees: each draft's parent (engine/speculative.py); a row without is a chain.
+    draft_parents: list[list[int]] = field(default_factory=list)
+
     def drafts_of(self, row: int) -> list[int]:
         return self.drafts[row] if row < len(self.drafts) else []
+
+    def parents_of(self, row: int) -> list[int]:
+        if row < len(self.draft_parents):
+            return self.draft_parents[row]
+        return list(range(len(self.drafts_of(row))))
 
     @property
     def num_tokens(self) -> int:
@@ -75,9 +83,10 @@ class StepBatch:
     # EAGLE (engine/eagle_draft.py): (S,) int32 the token after a prompt chunk that stops
     # short of the prompt's end, -1 for rows that sample.
     chunk_next: jax.Array | None = None
-    # Token trees (--speculative-eagle-topk > 1): (S, k) int32 each draft's parent node
-    # (0: the row's last token, j: draft j), and (T,) int32 which of the 31 positions
-    # before it each token sees (kernels/paged_attention.py); None for chains.
+    # (S, k) int32 each draft's parent node (0: the row's last token, j: draft j; a chain's
+    # is j - 1), with the drafts; and with token trees (--speculative-eagle-topk > 1, else
+    # None) (T,) int32 which of the 31 positions before it each token sees
+    # (kernels/paged_attention.py).
     draft_parents: jax.Array | None = None
     tree_bits: jax.Array | None = None
 

@@ -25,6 +25,7 @@ is the target's whatever the head proposes.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -36,6 +37,7 @@ from sgljax.engine.attention_backend import AttentionKernels
 from sgljax.engine.batch import StepBatch
 from sgljax.engine.config import rope_inv_freq
 from sgljax.engine.eagle_head import EagleHead, EagleHeadConfig
+from sgljax.engine.eagle_tree import draft_tree, slots_at
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.layers import rms_norm_features, rope_cos_sin
 from sgljax.engine.mesh import global_array
@@ -94,33 +96,49 @@ def head_pass(cfg: EagleHeadConfig, kernels, linear: LinearKernel | None, dtype,
     return h, k_cache, v_cache
 
 
-def head_tokens(cfg: EagleHeadConfig, target_cfg, linear: LinearKernel | None, head: dict,
-                target_top: dict, h: jax.Array) -> jax.Array:
-    """The head's argmax token ids (in the target's vocabulary) from its outputs (D, S)."""
+def head_logits(cfg: EagleHeadConfig, target_cfg, linear: LinearKernel | None, head: dict,
+                target_top: dict, h: jax.Array):
+    """The head's logits (N, V') from its outputs (D, N), and the target's token id of
+    each of its V' (None: the target's vocabulary itself)."""
     top = head["top"]
     if cfg.kind == "EAGLE3":
         x = rms_norm_features(h, top["norm"], cfg.layer.rms_norm_eps)
-        return top["hot"][jnp.argmax(_matmul(linear, top["lm_head"], x), axis=0)]
-    logits = lm_head(target_cfg, target_top, h, linear)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return _matmul(linear, top["lm_head"], x).T.astype(jnp.float32), top["hot"]
+    return lm_head(target_cfg, target_top, h, linear), None
 
 
-def _slots(page_table: jax.Array, positions: jax.Array, writes: jax.Array, page_size: int):
-    """Cache slots of one token a sequence; page 0 where ``writes`` is False or the
-    position is past the page table."""
-    idx = positions // page_size
-    ok = writes & (idx < page_table.shape[1])
-    page = jnp.take_along_axis(page_table, jnp.minimum(idx, page_table.shape[1] - 1)[:, None],
-                               axis=1)[:, 0]
-    return jnp.where(ok, page, 0) * page_size + positions % page_size
+def head_tokens(cfg: EagleHeadConfig, target_cfg, linear: LinearKernel | None, head: dict,
+                target_top: dict, h: jax.Array) -> jax.Array:
+    """The head's argmax token ids (in the target's vocabulary) from its outputs (D, S)."""
+    logits, ids = head_logits(cfg, target_cfg, linear, head, target_top, h)
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return best if ids is None else ids[best]
 
 
-def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, page_size: int, kernels,
-            linear: LinearKernel | None, dtype, head: dict, target_top: dict, k_cache: jax.Array, v_cache: jax.Array,
-            features: jax.Array, batch: StepBatch, emitted: jax.Array, accepted: jax.Array):
-    """features (T, F): the target's, of every token of the step; emitted (S, k + 1) and
-    accepted (S,): what the step's verify returned. → (drafts (S, num_steps), k_cache,
-    v_cache)."""
+def kept_path_view(batch: StepBatch, features: jax.Array, path: jax.Array,
+                   accepted: jax.Array):
+    """A tree step seen as a chain: each verify row's kept nodes in depth order (their
+    tokens, features and positions at the row's first slots; the rest as they were), and
+    causal attention."""
+    T, S = batch.tokens.shape[0], path.shape[0]
+    depth = jnp.arange(path.shape[1])[None, :]
+    row0 = batch.cu_q_lens[:S, None]
+    keep = (depth <= accepted[:, None]) & (jnp.arange(S) < batch.num_seqs)[:, None]
+    take = jnp.arange(T).at[jnp.where(keep, row0 + depth, T)].set(row0 + path, mode="drop")
+    view = dataclasses.replace(batch, tokens=batch.tokens[take], positions=batch.positions[take],
+                               tree_bits=jnp.full((T,), -1, jnp.int32))
+    return view, features[take]
+
+
+def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, topk: int, num_nodes: int,
+            page_size: int, kernels, linear: LinearKernel | None, dtype, head: dict,
+            target_top: dict, k_cache: jax.Array, v_cache: jax.Array, features: jax.Array,
+            batch: StepBatch, emitted: jax.Array, accepted: jax.Array, path: jax.Array):
+    """features (T, F): the target's, of every token of the step; emitted, path (S, R) and
+    accepted (S,): what the step's verify returned. → (proposal (S, 2, num_nodes): the
+    drafts and their parents, k_cache, v_cache)."""
+    if batch.tree_bits is not None:
+        batch, features = kept_path_view(batch, features, path, accepted)
     T, (S, width) = batch.tokens.shape[0], batch.page_table.shape
     rows = jnp.arange(S)
     live = rows < batch.num_seqs
@@ -133,15 +151,25 @@ def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, page_size: int, ke
     h, k_cache, v_cache = head_pass(cfg, kernels, linear, dtype, head, target_top, after,
                                     features.T, batch, k_cache, v_cache, project=True)
     hidden = h[:, at]
-    first = head_tokens(cfg, target_cfg, linear, head, target_top, hidden)
     start = batch.positions[at]  # the sampling row's position; draft i goes at start + i
+    if topk > 1:
+        def run(tokens, hidden, step, k_cache, v_cache):
+            return head_pass(cfg, kernels, linear, dtype, head, target_top, tokens, hidden,
+                             step, k_cache, v_cache, project=False)
+
+        drafts, parents, k_cache, v_cache = draft_tree(
+            run, lambda h: head_logits(cfg, target_cfg, linear, head, target_top, h), hidden,
+            start, batch, sampling, k_cache, v_cache, steps=num_steps, k=topk,
+            num_nodes=num_nodes, page_size=page_size)
+        return jnp.stack([drafts, parents], axis=1), k_cache, v_cache
+    first = head_tokens(cfg, target_cfg, linear, head, target_top, hidden)
 
     def one_more(carry, i):
         k_cache, v_cache, token, hidden = carry
         pos = start + i
         step = StepBatch(
             tokens=token, positions=pos,
-            slots=_slots(batch.page_table, pos, sampling, page_size),
+            slots=slots_at(batch.page_table, pos, sampling, page_size),
             page_table=batch.page_table,
             cu_q_lens=jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), batch.num_seqs),
             kv_lens=jnp.where(live, jnp.minimum(pos + 1, width * page_size), 0),
@@ -154,15 +182,18 @@ def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, page_size: int, ke
     (k_cache, v_cache, last, _), earlier = jax.lax.scan(
         one_more, (k_cache, v_cache, first, hidden), jnp.arange(1, num_steps, dtype=jnp.int32))
     drafts = jnp.concatenate([earlier.T, last[:, None]], axis=1)
-    return drafts, k_cache, v_cache
+    parents = jnp.broadcast_to(jnp.arange(num_steps, dtype=jnp.int32), drafts.shape)
+    return jnp.stack([drafts, parents], axis=1), k_cache, v_cache
 
 
 class EagleDrafter:
     """The head's weights and caches on the mesh, and its compiled drafting per bucket."""
 
     def __init__(self, head: EagleHead, target_cfg, target_kv: KVCacheSpec, mesh, kernels,
-                 linear: LinearKernel | None, dtype, num_steps: int, compile_fn):
+                 linear: LinearKernel | None, dtype, num_steps: int, compile_fn,
+                 topk: int = 1, num_nodes: int | None = None):
         self.cfg, self.mesh, self.num_steps, self.dtype = head.cfg, mesh, num_steps, dtype
+        self.num_nodes = num_nodes or num_steps  # drafts a step proposes (a chain: steps)
         # The target's features a step hands over: its hidden state, or three side by side.
         self.feature_size = target_cfg.hidden_size * (len(head.cfg.capture) or 1)
         replicated = NamedSharding(mesh, P())
@@ -181,36 +212,39 @@ class EagleDrafter:
             kernels = AttentionKernels("native", ragged_paged_attention, write_kv)
         self.k_cache, self.v_cache = self.kv_spec.allocate(mesh, split_heads=not whole)
         kv = self.k_cache.sharding
-        self._fn = jax.jit(partial(propose, head.cfg, target_cfg, num_steps,
-                                   target_kv.page_size, kernels, linear, dtype),
+        self._fn = jax.jit(partial(propose, head.cfg, target_cfg, num_steps, topk,
+                                   self.num_nodes, target_kv.page_size, kernels, linear,
+                                   dtype),
                            donate_argnums=(2, 3), out_shardings=(replicated, kv, kv))
         self._compile = compile_fn  # the model runner's: the persistent cache, counted
         self._executables: dict[tuple, object] = {}
         self.replicated = replicated
 
-    def _executable(self, target_top, features, batch, emitted, accepted):
+    def _executable(self, target_top, features, batch, emitted, accepted, path):
         key = (batch.shape, batch.page_table.shape[1], features.shape, emitted.shape)
         exe = self._executables.get(key)
         if exe is None:
             with jax.set_mesh(self.mesh):
                 exe = self._compile(self._fn.lower(self.weights, target_top, self.k_cache,
                                                    self.v_cache, features, batch, emitted,
-                                                   accepted))
+                                                   accepted, path))
             self._executables[key] = exe
         return exe
 
     def warm(self, target_top, batch: StepBatch) -> None:
         """Compile (or load) the drafting of ``batch``'s bucket."""
         T, S = batch.shape
+        R = batch.drafts.shape[1] + 1  # the verify step's nodes a row
         spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self.replicated)  # noqa: E731
         self._executable(target_top, spec((T, self.feature_size), self.dtype), batch,
-                         spec((S, self.num_steps + 1), jnp.int32), spec((S,), jnp.int32))
+                         spec((S, R), jnp.int32), spec((S,), jnp.int32), spec((S, R), jnp.int32))
 
-    def dispatch(self, target_top, features, batch: StepBatch, emitted, accepted) -> jax.Array:
-        """Start drafting after the step that returned ``features``, ``emitted``, ``accepted``."""
-        exe = self._executable(target_top, features, batch, emitted, accepted)
-        drafts, self.k_cache, self.v_cache = exe(self.weights, target_top, self.k_cache,
-                                                 self.v_cache, features, batch, emitted,
-                                                 accepted)
-        return drafts
-
+    def dispatch(self, target_top, features, batch: StepBatch, emitted, accepted,
+                 path) -> jax.Array:
+        """Start drafting after the step that returned ``features``, ``emitted``,
+        ``accepted`` and ``path``; returns the proposal (S, 2, k): drafts, parents."""
+        exe = self._executable(target_top, features, batch, emitted, accepted, path)
+        proposal, self.k_cache, self.v_cache = exe(self.weights, target_top, self.k_cache,
+                                                   self.v_cache, features, batch, emitted,
+                                                   accepted, path)
+        return proposal

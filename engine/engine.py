@@ -136,7 +136,7 @@ class Engine(SpeechAPI):
             schedule_policy=args.schedule_policy, new_seqs_per_prefill=new_per_prefill,
             max_prefill_seqs=args.max_prefill_seqs,
             draft_head=head is not None,
-            draft_lookahead=args.num_draft_tokens - 1 if head else 0),
+            draft_lookahead=args.draft_lookahead),
             self.pool, self.prefix_cache, self.plan,
             drafter=NgramDrafter(args.num_draft_tokens,
                                  args.speculative_ngram_min_match_window_size,
@@ -145,7 +145,8 @@ class Engine(SpeechAPI):
         self.runner = ModelRunner(loaded.model, self.mesh, kv_spec, self.plan, act_dtype, executable_cache=(
             ExecutableCache(cache_dir, self.mesh) if cache_dir is not None else None),
             moe_backend=args.moe_backend, attention_backend=args.attention_backend,
-            num_draft_tokens=args.num_draft_tokens, head=head)
+            num_draft_tokens=args.num_draft_tokens, head=head,
+            draft_steps=args.speculative_num_steps, draft_topk=args.speculative_eagle_topk)
         self.spec = SpecStats()
         self._leader = self._follower = None
         if args.nnodes > 1:
@@ -325,7 +326,8 @@ class Engine(SpeechAPI):
                 text += detok.flush()
                 del self._detok[seq.rid]
             elif out.drafts is not None:  # EAGLE: the head's guesses for the next step
-                self.scheduler.proposed(seq, out.drafts[i].tolist())
+                self.scheduler.proposed(seq, out.drafts[i].tolist(),
+                                        out.draft_parents[i].tolist())
             results.append(RequestOutput(
                 seq.rid, text, toks, seq.finished, seq.finish_reason, seq.matched_stop,
                 logprobs, tops, len(seq.prompt_ids), len(seq.output_ids), seq.num_cached_prompt))

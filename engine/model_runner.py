@@ -40,8 +40,9 @@ from sgljax.engine.model import Decoder, forward
 from sgljax.engine.weight_forms import fuse_projections, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
-from sgljax.engine.speculative import verify
+from sgljax.engine.speculative import chain_parents, keep_path_kv, node_depths, verify
 from sgljax.engine.step_wire import flatten_step
+from sgljax.kernels.paged_attention import tree_bits_of
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class StepOutput:
     top_logprobs: np.ndarray  # (S, 20) or (S, k + 1, 20)
     accepted: np.ndarray | None = None  # (S,) draft tokens kept
     drafts: np.ndarray | None = None  # EAGLE: (S, k) each row's drafts for its next step
+    draft_parents: np.ndarray | None = None  # EAGLE: (S, k) their tree (engine/speculative.py)
     draft_seconds: float = 0.0  # EAGLE: how long the host waited for them after the step
 
     def emitted(self, row: int) -> list[tuple[int, float, np.ndarray, np.ndarray]]:
@@ -95,9 +97,14 @@ def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, capture
         out = sample(logits, sbatch, adjust, grammar)
         last = out[0]
     else:  # speculative decoding: every row's last token and drafts, verified
-        out = verify(logits, batch.drafts, batch.num_drafts, sbatch, adjust, grammar)
+        *out, path = verify(logits, batch.drafts, batch.num_drafts, batch.draft_parents,
+                            sbatch, adjust, grammar)
         tokens, accepted = out[0], out[4]
         last = jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
+        if batch.tree_bits is not None:  # a tree's kept nodes move to their positions
+            k_cache, v_cache = keep_path_kv(k_cache, v_cache, batch, path, accepted)
+        if features:  # EAGLE's head reads the kept path too
+            features.append(path)
     last_tokens = jax.lax.dynamic_update_slice(last_tokens, last, (0,))
     return (*out, *features), last_tokens, k_cache, v_cache  # features: EAGLE's head reads them
 
@@ -106,8 +113,11 @@ class ModelRunner:
     def __init__(self, model: Decoder, mesh, kv_spec: KVCacheSpec, plan: BucketPlan,
                  act_dtype=None, executable_cache: ExecutableCache | None = None,
                  moe_backend: str = "grouped", attention_backend: str = "auto",
-                 num_draft_tokens: int = 0, head: EagleHead | None = None):
+                 num_draft_tokens: int = 0, head: EagleHead | None = None,
+                 draft_steps: int = 0, draft_topk: int = 1):
         self.mesh = mesh
+        # EAGLE's token trees: verify rows branch (StepBatch.tree_bits in every step).
+        self.trees = head is not None and draft_topk > 1
         # Speculative decoding: every step verifies up to this many drafts a decode row.
         self.num_draft_tokens = num_draft_tokens
         self.kv_spec = kv_spec
@@ -150,7 +160,7 @@ class ModelRunner:
         self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
         self._last_rows: dict[str, int] = {}
         capture = head.cfg.capture if head is not None else None
-        outputs = 4 + bool(num_draft_tokens) + (head is not None)
+        outputs = 4 + bool(num_draft_tokens) + 2 * (head is not None)  # + features, path
         self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, act_dtype,
                                      self.kernels, self.linear_kernel, moe_backend, capture),
                              donate_argnums=(1, 2, 3),
@@ -161,7 +171,8 @@ class ModelRunner:
         head_linear = (self.linear_kernel if head is not None
                        and head.top["fc"].dtype == top["embed"].dtype else None)
         self.eagle = (EagleDrafter(head, model.cfg, kv_spec, mesh, self.kernels, head_linear,
-                                   act_dtype, num_draft_tokens, self._load_or_compile)
+                                   act_dtype, draft_steps or num_draft_tokens,
+                                   self._load_or_compile, draft_topk, num_draft_tokens)
                       if head is not None else None)
         self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers
         self._zero_adjust: dict[int, LogitAdjust] = {}
@@ -188,7 +199,9 @@ class ModelRunner:
         K = self.num_draft_tokens
         last_index = np.zeros((S, K + 1) if K else (S,), np.int32)
         drafts = np.zeros((S, K), np.int32)
+        parents = np.tile(np.arange(K, dtype=np.int32), (S, 1))  # chains, unless a tree
         num_drafts = np.zeros((S,), np.int32)
+        tree_bits = np.full((T,), -1, np.int32)
         prev_rows = np.full((S,), -1, np.int32)
         chunk_next = np.full((S,), -1, np.int32)
         at = 0
@@ -202,13 +215,19 @@ class ModelRunner:
                 drafts[i, :len(draft)] = draft
                 num_drafts[i] = len(draft)
                 last_index[i] = at + np.minimum(np.arange(K + 1), len(draft))
+                tree = sched.parents_of(i)
+                if tree != chain_parents(len(draft)):  # nodes at start + depth, see ancestors
+                    parents[i, :len(draft)] = tree
+                    tree_bits[at:at + n] = tree_bits_of(tree)
+                    pos = start + node_depths(tree)
             if len(known) < n:  # the newest token is the previous step's, still on the device
                 assert n == 1 and seq.num_pending == 1, (seq.rid, n, seq.num_pending)
                 prev_rows[i] = self._last_rows[seq.rid]
             else:
                 tokens[at:at + n] = known
             positions[at:at + n] = pos
-            slots[at:at + n] = pages[pos // ps] * ps + pos % ps
+            cached = np.arange(start, start + n)  # a tree node's K/V: at its node's index
+            slots[at:at + n] = pages[cached // ps] * ps + cached % ps
             page_table[i, :len(pages)] = pages
             cu_q_lens[i] = at
             kv_lens[i] = start + n
@@ -220,7 +239,9 @@ class ModelRunner:
         batch = StepBatch(tokens, positions, slots, page_table, cu_q_lens, kv_lens,
                           np.asarray(len(sched.seqs), np.int32), last_index, prev_rows)
         if K:
-            batch.drafts, batch.num_drafts = drafts, num_drafts
+            batch.drafts, batch.num_drafts, batch.draft_parents = drafts, num_drafts, parents
+        if self.trees:
+            batch.tree_bits = tree_bits
         if self.eagle is not None:
             batch.chunk_next = chunk_next
         if any(s.audio_embeds is not None for s in sched.seqs):
@@ -311,8 +332,9 @@ class ModelRunner:
         if len(launched.outputs) <= 5:
             return StepOutput(*outputs)
         waited = time.perf_counter()
-        drafts = to_host(launched.outputs[5])
-        return StepOutput(*outputs, drafts, time.perf_counter() - waited)
+        proposal = to_host(launched.outputs[5])  # (S, 2, k): tokens, parents
+        return StepOutput(*outputs, proposal[:, 0], proposal[:, 1],
+                          time.perf_counter() - waited)
 
     def execute(self, batch: StepBatch, sbatch: SamplingBatch, adjust: LogitAdjust | None,
                 grammar: GrammarMask | None = None) -> StepOutput:
@@ -331,8 +353,8 @@ class ModelRunner:
             self.state, self.k_cache, self.v_cache, self.last_tokens, batch, sbatch, adj, gram)
         if self.eagle is None:
             return out
-        *out, features = out
-        drafts = self.eagle.dispatch(self.state[0], features, batch, out[0], out[4])
+        *out, features, path = out
+        drafts = self.eagle.dispatch(self.state[0], features, batch, out[0], out[4], path)
         return (*out, drafts)
 
     def _device_adjust(self, batch: StepBatch, adjust: LogitAdjust | None) -> LogitAdjust:
@@ -381,7 +403,9 @@ class ModelRunner:
         batch = StepBatch(z(T), z(T), z(T), z(S, P), z(S + 1), z(S), np.asarray(0, np.int32),
                           z(S, K + 1) if K else z(S), np.full(S, -1, np.int32))
         if K:
-            batch.drafts, batch.num_drafts = z(S, K), z(S)
+            batch.drafts, batch.num_drafts, batch.draft_parents = z(S, K), z(S), z(S, K)
+        if self.trees:
+            batch.tree_bits = z(T)
         if self.eagle is not None:
             batch.chunk_next = z(S)
         if embeds:

@@ -39,6 +39,7 @@ class Sequence:
     grammar: GrammarState | None = None  # constrained decoding: where its output stands
     # EAGLE: the drafts the head proposed after the sequence's last step, for its next one.
     draft_tokens: list[int] = field(default_factory=list)
+    draft_parents: list[int] = field(default_factory=list)  # their tree (engine/speculative.py)
     # Audio prompts (Qwen3-ASR): the clips' features until encoded, then the encoder's
     # outputs (n, D) for the prompt's <|audio_pad|> positions (n,), kept across
     # preemption so a preempted request is never encoded again; and the prompt ids the

@@ -163,9 +163,10 @@ class Scheduler:
         elif len(seq.output_ids) >= seq.params.max_tokens:
             self.finish(seq, "length")
 
-    def proposed(self, seq: Sequence, drafts: list[int]) -> None:
-        """EAGLE: the drafts the head proposed in the step that just landed."""
-        seq.draft_tokens = drafts
+    def proposed(self, seq: Sequence, drafts: list[int], parents: list[int]) -> None:
+        """EAGLE: the drafts (a tree: each one's parent) the head proposed in the step that
+        just landed. Parents come before their children, so any first n are a tree."""
+        seq.draft_tokens, seq.draft_parents = drafts, parents
 
     # -- pages -------------------------------------------------------------
     def _pages_needed(self, seq: Sequence, new_tokens: int) -> int:
@@ -186,7 +187,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.release(seq.pages)
-        seq.pages, seq.num_computed, seq.draft_tokens = [], 0, []
+        seq.pages, seq.num_computed, seq.draft_tokens, seq.draft_parents = [], 0, [], []
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -197,6 +198,8 @@ class Scheduler:
         decodes = self._schedule_decodes()
         budget = min(self.cfg.chunked_prefill_size, self.plan.max_tokens) - len(decodes)
         drafts = self._draft(decodes, budget) if self.speculating else [[] for _ in decodes]
+        parents = [seq.draft_parents[:len(d)] if seq.draft_parents else list(range(len(d)))
+                   for seq, d in zip(decodes, drafts)]
         seqs, chunks = list(decodes), [1 + len(d) for d in drafts]
         budget -= sum(map(len, drafts))
         prefills = 0
@@ -242,7 +245,8 @@ class Scheduler:
                 self._preempt(self.running[-1])
                 return self.schedule()
             return None
-        return ScheduledBatch(seqs, chunks, num_decodes=len(decodes), drafts=drafts)
+        return ScheduledBatch(seqs, chunks, num_decodes=len(decodes), drafts=drafts,
+                              draft_parents=parents)
 
     def _draft(self, decodes: list[Sequence], budget: int) -> list[list[int]]:
         """Each decode's draft tokens, while the token budget and the pool allow. None for

@@ -33,9 +33,11 @@ def _layer(rng, prefix: str, d_in: int, norms: tuple[str, ...]) -> dict[str, np.
 
 
 def build_eagle3_head(out: Path, target_dir: Path, seed: int = 0, draft_vocab: int = 512,
-                      aux_layer_ids: list[int] | None = None, constant: int | None = None) -> Path:
+                      aux_layer_ids: list[int] | None = None,
+                      constant: int | list[int] | None = None) -> Path:
     """An EAGLE3 head for the target at ``target_dir``. ``constant``: a head whose final
-    norm is zero, so it always proposes draft id 0, mapped by d2t to target id ``constant``."""
+    norm is zero, so it always proposes draft id 0, mapped by d2t to target id ``constant``
+    (a list: draft ids 0, 1, ... to those, its top-k in that order, all equally likely)."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
@@ -50,7 +52,9 @@ def build_eagle3_head(out: Path, target_dir: Path, seed: int = 0, draft_vocab: i
                                          "post_attention_layernorm"))
     hot = np.sort(rng.choice(np.arange(1, V), size=draft_vocab, replace=False))
     if constant is not None:
-        hot[0] = constant
+        fixed = [constant] if isinstance(constant, int) else list(constant)
+        rest = [t for t in hot.tolist() if t not in fixed]
+        hot = np.asarray(fixed + rest[:draft_vocab - len(fixed)])
     w.update({"fc.weight": _normal(rng, H, 3 * H), "lm_head.weight": _normal(rng, draft_vocab, H),
               "norm.weight": (np.zeros(H) if constant is not None else 1 + _normal(rng, H, scale=0.1)).astype(np.float32),
               "d2t": (hot - np.arange(draft_vocab)).astype(np.int64),

@@ -36,9 +36,9 @@ def _recording(eng):
     """Every (sequence's tokens, drafts) the head proposes, as the engine hands them over."""
     seen, proposed = [], eng.scheduler.proposed
 
-    def record(seq, drafts):
+    def record(seq, drafts, parents):
         seen.append((list(seq.all_ids), list(drafts)))
-        proposed(seq, drafts)
+        proposed(seq, drafts, parents)
 
     eng.scheduler.proposed = record
     return seen

@@ -51,9 +51,19 @@ def test_ngram_drafter_takes_the_longest_then_most_recent_match():
 def test_speculation_flags_are_checked():
     with pytest.raises(ValueError, match="needs --speculative-draft-model-path"):
         EngineArgs(model_path="x", speculative_algorithm="EAGLE3")
-    with pytest.raises(ValueError, match="token trees"):
+    with pytest.raises(ValueError, match="at most 32 positions"):
         EngineArgs(model_path="x", speculative_algorithm="eagle", speculative_draft_model_path="h",
-                   speculative_eagle_topk=4)
+                   speculative_eagle_topk=8, speculative_num_steps=6)
+    with pytest.raises(ValueError, match=r"must be in 2\.\.32"):
+        EngineArgs(model_path="x", speculative_algorithm="eagle", speculative_draft_model_path="h",
+                   speculative_eagle_topk=4, speculative_num_draft_tokens=40)
+    with pytest.raises(ValueError, match=r"must be in 2\.\.7"):  # 1 + 2 + 2 * 2: all nodes
+        EngineArgs(model_path="x", speculative_algorithm="eagle", speculative_draft_model_path="h",
+                   speculative_eagle_topk=2, speculative_num_steps=2, speculative_num_draft_tokens=8)
+    tree = EngineArgs(model_path="x", speculative_algorithm="eagle3",
+                      speculative_draft_model_path="h", speculative_eagle_topk=4,
+                      speculative_num_steps=3, speculative_num_draft_tokens=10)
+    assert (tree.num_draft_tokens, tree.draft_trees, tree.draft_lookahead) == (9, True, 8)
     with pytest.raises(ValueError, match="is for --speculative-algorithm EAGLE"):
         EngineArgs(model_path="x", speculative_algorithm="ngram", speculative_draft_model_path="h")
     eagle = EngineArgs(model_path="x", speculative_algorithm="EAGLE3",
@@ -100,9 +110,10 @@ def _verify(logits_per_pos, drafts, n, temperature, top_k=0, top_p=1.0):
     adjust = LogitAdjust(jnp.asarray(False), jnp.zeros((n, V)), jnp.zeros((n, V), bool),
                          jnp.ones(n))
     grammar = GrammarMask(jnp.asarray(False), jnp.full((n, 1), -1, jnp.int32))
+    parents = jnp.tile(jnp.arange(K, dtype=jnp.int32), (n, 1))  # a chain
     out = jax.jit(verify)(logits, jnp.asarray(np.tile(drafts, (n, 1)), jnp.int32),
-                          jnp.full(n, K, jnp.int32), sb, adjust, grammar)
-    tokens, logprobs, _, _, accepted = map(np.asarray, out)
+                          jnp.full(n, K, jnp.int32), parents, sb, adjust, grammar)
+    tokens, logprobs, _, _, accepted, _ = map(np.asarray, out)
     return tokens, logprobs, accepted
 
 
@@ -150,6 +161,32 @@ def test_verify_greedy_keeps_the_drafts_the_argmax_agrees_with():
         logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         np.testing.assert_allclose(logprobs[0, :kept + 1],
                                    logp[np.arange(kept + 1), top[:kept + 1]], rtol=1e-5)
+
+
+def test_verify_walks_a_tree_to_the_branch_the_argmax_agrees_with():
+    """Nodes 1, 2 under the root, 3 under 1, 4 under 2: the root's argmax is node 2's token
+    and node 2's is node 4's, so the path is 0, 2, 4 and its K/V move to depths 1, 2."""
+    rng = np.random.default_rng(7)
+    V = 12
+    logits = rng.normal(size=(5, V))
+    top = logits.argmax(axis=1)
+    drafts = [(top[0] + 1) % V, top[0], top[1], top[2]]
+    parents = [0, 0, 1, 2]
+    sb = SamplingBatch(jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1), jnp.zeros(1),
+                       jnp.zeros(1, jnp.uint32), jnp.zeros(1, jnp.int32), jnp.asarray(True),
+                       jnp.asarray(False))
+    adjust = LogitAdjust(jnp.asarray(False), jnp.zeros((1, V)), jnp.zeros((1, V), bool),
+                         jnp.ones(1))
+    grammar = GrammarMask(jnp.asarray(False), jnp.full((1, 1), -1, jnp.int32))
+    out = jax.jit(verify)(jnp.asarray(logits, jnp.float32), jnp.asarray([drafts], jnp.int32),
+                          jnp.asarray([4], jnp.int32), jnp.asarray([parents], jnp.int32), sb,
+                          adjust, grammar)
+    tokens, logprobs, _, _, accepted, path = map(np.asarray, out)
+    assert accepted.tolist() == [2] and path[0, :3].tolist() == [0, 2, 4]
+    assert tokens[0, :3].tolist() == [top[0], top[2], top[4]]
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(logprobs[0, :3], logp[[0, 2, 4], [top[0], top[2], top[4]]],
+                               rtol=1e-5)
 
 
 # -- the engine -----------------------------------------------------------------------
