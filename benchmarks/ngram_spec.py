@@ -75,6 +75,11 @@ def main() -> None:
     ap.add_argument("--workload", default="copy", choices=["copy", "free"],
                     help="copy: rewrite a given paragraph; free: short stories (little to copy)")
     ap.add_argument("--draft-model-path", default=None, help="EAGLE/EAGLE3: the head's folder")
+    ap.add_argument("--eagle-topk", type=int, default=1,
+                    help="EAGLE/EAGLE3: above 1, a token tree of --num-draft-tokens passes "
+                    "and --tree-nodes nodes")
+    ap.add_argument("--tree-nodes", type=int, default=8,
+                    help="EAGLE/EAGLE3 trees: draft nodes verified a step")
     ap.add_argument("--random-head", action="store_true",
                     help="EAGLE3: an untrained head of the model's shape (its cost alone)")
     args = ap.parse_args()
@@ -89,7 +94,10 @@ def main() -> None:
         if head is None:
             ap.error("--algorithm EAGLE/EAGLE3 needs --draft-model-path or --random-head")
         spec = dict(speculative_algorithm=args.algorithm, speculative_draft_model_path=head,
-                    speculative_num_steps=args.num_draft_tokens)
+                    speculative_num_steps=args.num_draft_tokens,
+                    speculative_eagle_topk=args.eagle_topk)
+        if args.eagle_topk > 1:
+            spec["speculative_num_draft_tokens"] = args.tree_nodes + 1
     engines = {}
     for name, kw in (("plain", {}), (args.algorithm, spec)):
         eng = Engine(model_path=args.model_path, max_running_requests=max(levels),
