@@ -217,3 +217,45 @@ def reference_drafts(head_dir: Path, target_dir: Path, kind: str, ids: list[int]
         drafts.append(int(np.argmax(logits)))
         all_logits.append(logits)
     return drafts, all_logits
+
+
+# -- a target small enough for exact marginals -------------------------------------------
+SMALL_PROMPT, SMALL_VOCAB = [5, 9, 11, 3, 20], 48
+
+
+def small_target_marginals(out: Path, temperature: float):
+    """A 48-token Llama target and the exact marginals (transformers, float64) of its 2nd
+    and 3rd sampled tokens after SMALL_PROMPT: (target dir, p2, p3)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import build_tiny_model
+
+    target = build_tiny_model("llama", out, vocab_size=SMALL_VOCAB, bos_token_id=1,
+                              eos_token_id=2, initializer_range=0.5)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    prompt, V = SMALL_PROMPT, SMALL_VOCAB
+
+    def next_probs(seqs):
+        with torch.no_grad():
+            logits = model(torch.tensor(seqs)).logits[:, -1].double() / temperature
+        return torch.softmax(logits, -1).numpy()
+
+    p1 = next_probs([prompt])[0]
+    joint12 = p1[:, None] * next_probs([prompt + [a] for a in range(V)])  # (x1, x2)
+    p3_given = next_probs([prompt + [a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
+    return target, joint12.sum(0), (joint12[:, :, None] * p3_given).sum((0, 1))
+
+
+def assert_follows_marginals(outs, p2, p3) -> None:
+    """Chi-square: each output's 2nd and 3rd tokens against p2 and p3 (cells expected
+    under 5 times pooled)."""
+    from scipy import stats
+
+    n = len(outs)
+    for pos, probs in ((1, p2), (2, p3)):
+        counts = np.bincount([o["token_ids"][pos] for o in outs], minlength=len(probs))
+        big = probs * n >= 5
+        obs = np.append(counts[big], counts[~big].sum())
+        exp = np.append(probs[big], probs[~big].sum()) * n
+        assert stats.chisquare(obs, exp).pvalue > 1e-3, (pos, obs, exp)

@@ -6,9 +6,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scipy import stats
 
-from eagle_heads import build_eagle3_head, build_eagle_head, reference_drafts
+from eagle_heads import (SMALL_PROMPT, assert_follows_marginals, build_eagle3_head,
+                         build_eagle_head, reference_drafts, small_target_marginals)
 from tiny_models import build_tiny_model
 from sgljax.engine.config import ModelConfigError
 from sgljax.engine.engine import Engine
@@ -149,38 +149,18 @@ def test_sampling_follows_the_target_distribution(tmp_path):
     """A 48-token vocabulary; the head always guesses the target's second likeliest second
     token, so it is kept now and then. The second and third tokens, drawn through verify,
     must follow the target's marginals (exact, from transformers)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    target = build_tiny_model("llama", tmp_path / "small", vocab_size=48, bos_token_id=1,
-                              eos_token_id=2, initializer_range=0.5)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    prompt, V, temp = [5, 9, 11, 3, 20], 48, 0.9
-
-    def next_probs(seqs):
-        with torch.no_grad():
-            logits = model(torch.tensor(seqs)).logits[:, -1].double() / temp
-        return torch.softmax(logits, -1).numpy()
-
-    p1 = next_probs([prompt])[0]
-    p2_given = next_probs([prompt + [a] for a in range(V)])  # (x1, x2)
-    joint12 = p1[:, None] * p2_given
-    p3_given = next_probs([prompt + [a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
-    p2, p3 = joint12.sum(0), (joint12[:, :, None] * p3_given).sum((0, 1))
+    temp = 0.9
+    target, p2, p3 = small_target_marginals(tmp_path / "small", temp)
     head = build_eagle3_head(tmp_path / "head", target, draft_vocab=16,
                              constant=int(np.argsort(-p2)[1]))
     eng = _engine(target, head, chunked_prefill_size=512, max_running_requests=64,
                   context_length=64, new_seqs_per_prefill=64, max_prefill_seqs=64)
     n = 1500
-    outs = eng.generate([prompt] * n, [SamplingParams(max_tokens=4, temperature=temp, seed=s,
-                                                      ignore_eos=True) for s in range(n)])
+    outs = eng.generate([SMALL_PROMPT] * n, [
+        SamplingParams(max_tokens=4, temperature=temp, seed=s, ignore_eos=True)
+        for s in range(n)])
     assert eng.stats().spec_accepted_tokens > 100
-    for pos, probs in ((1, p2), (2, p3)):
-        counts = np.bincount([o["token_ids"][pos] for o in outs], minlength=V)
-        big = probs * n >= 5  # cells expected at least 5 times; the rest pooled
-        obs = np.append(counts[big], counts[~big].sum())
-        exp = np.append(probs[big], probs[~big].sum()) * n
-        assert stats.chisquare(obs, exp).pvalue > 1e-3, (pos, obs, exp)
+    assert_follows_marginals(outs, p2, p3)
 
 
 def test_warm_and_without_compiles(tiny_models, tmp_path):

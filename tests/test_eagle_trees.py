@@ -5,10 +5,9 @@ move their K/V into place, and nothing compiles after warmup."""
 from collections import Counter
 
 import numpy as np
-from scipy import stats
 
-from eagle_heads import build_eagle3_head, build_eagle_head
-from tiny_models import build_tiny_model
+from eagle_heads import (SMALL_PROMPT, assert_follows_marginals, build_eagle3_head,
+                         build_eagle_head, small_target_marginals)
 from sgljax.engine.engine import Engine
 from sgljax.engine.sampling_params import SamplingParams
 
@@ -113,24 +112,8 @@ def test_tree_sampling_follows_the_target_distribution(tmp_path):
     """A 48-token vocabulary; the head's top-2 are the target's second and first likeliest
     second tokens, so both branches are kept now and then. The second and third tokens,
     drawn through the tree's verify, must follow the target's marginals (transformers)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    target = build_tiny_model("llama", tmp_path / "small", vocab_size=48, bos_token_id=1,
-                              eos_token_id=2, initializer_range=0.5)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    prompt, V, temp = [5, 9, 11, 3, 20], 48, 0.9
-
-    def next_probs(seqs):
-        with torch.no_grad():
-            logits = model(torch.tensor(seqs)).logits[:, -1].double() / temp
-        return torch.softmax(logits, -1).numpy()
-
-    p1 = next_probs([prompt])[0]
-    p2_given = next_probs([prompt + [a] for a in range(V)])
-    joint12 = p1[:, None] * p2_given
-    p3_given = next_probs([prompt + [a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
-    p2, p3 = joint12.sum(0), (joint12[:, :, None] * p3_given).sum((0, 1))
+    temp = 0.9
+    target, p2, p3 = small_target_marginals(tmp_path / "small", temp)
     order = np.argsort(-p2)
     head = build_eagle3_head(tmp_path / "head", target, draft_vocab=16,
                              constant=[int(order[1]), int(order[0])])
@@ -138,16 +121,12 @@ def test_tree_sampling_follows_the_target_distribution(tmp_path):
                   context_length=64, new_seqs_per_prefill=64, max_prefill_seqs=64)
     seen = _recording(eng)
     n = 1500
-    outs = eng.generate([prompt] * n, [SamplingParams(max_tokens=4, temperature=temp, seed=s,
-                                                      ignore_eos=True) for s in range(n)])
+    outs = eng.generate([SMALL_PROMPT] * n, [
+        SamplingParams(max_tokens=4, temperature=temp, seed=s, ignore_eos=True)
+        for s in range(n)])
     assert eng.stats().spec_accepted_tokens > 100
     assert _second_branches_kept(seen) > 50
-    for pos, probs in ((1, p2), (2, p3)):
-        counts = np.bincount([o["token_ids"][pos] for o in outs], minlength=V)
-        big = probs * n >= 5
-        obs = np.append(counts[big], counts[~big].sum())
-        exp = np.append(probs[big], probs[~big].sum()) * n
-        assert stats.chisquare(obs, exp).pvalue > 1e-3, (pos, obs, exp)
+    assert_follows_marginals(outs, p2, p3)
 
 
 def test_tree_warm_and_without_compiles(tiny_models, tmp_path):
