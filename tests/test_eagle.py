@@ -96,8 +96,7 @@ def test_head_checkpoints_are_checked(tiny_models, tmp_path):
 
 # -- the engine -----------------------------------------------------------------------------
 def _most_common_output(path, prompts):
-    outs = _engine(path).generate(prompts, GREEDY)
-    return Counter(t for o in outs for t in o["token_ids"]).most_common(1)[0][0]
+    return _favourites(path, prompts, 1)[0]
 
 
 @pytest.mark.parametrize("kind,arch", [("EAGLE3", "qwen3"), ("EAGLE", "llama")])
@@ -122,11 +121,27 @@ def test_lossless_at_temperature_zero(tiny_models, tmp_path, kind, arch):
     assert eng.pool.num_used == eng.prefix_cache.num_pages  # no page leaked
 
 
-def test_lossless_through_preemption_and_stops(tiny_models, tmp_path):
+# Token trees (tests/test_eagle_trees.py): the head's top-2 at 2 frontier nodes, 5 verified.
+TREE = dict(speculative_eagle_topk=2, speculative_num_steps=3, speculative_num_draft_tokens=6)
+
+
+def _favourites(path, prompts, n):
+    outs = _engine(path).generate(prompts, GREEDY)
+    return [t for t, _ in Counter(t for o in outs for t in o["token_ids"]).most_common(n)]
+
+
+def _favourite_head(out, target, prompts, tree: bool):
+    """A head whose drafts are the target's favourite token (a tree: its two favourites)."""
+    favourites = _favourites(target, prompts, 2 if tree else 1)
+    return build_eagle3_head(out, target, constant=favourites if tree else favourites[0]), (
+        TREE if tree else {})
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_lossless_through_preemption_and_stops(tiny_models, tmp_path, tree):
     target = tiny_models["qwen3"]
     prompts = _prompts(seed=6) + _prompts(seed=7)
-    head = build_eagle3_head(tmp_path / "head", target,
-                             constant=_most_common_output(target, prompts))
+    head, shape = _favourite_head(tmp_path / "head", target, prompts, tree)
     plain = _engine(target, disable_radix_cache=True)
     first = [o["token_ids"] for o in plain.generate(prompts, GREEDY)]
     params = SamplingParams(max_tokens=23, temperature=0,
@@ -134,7 +149,7 @@ def test_lossless_through_preemption_and_stops(tiny_models, tmp_path):
     expected = plain.generate(prompts, params)
     # 20 pages of 4 tokens for 10 requests: the scheduler preempts.
     eng = _engine(target, head, disable_radix_cache=True, max_total_tokens=80,
-                  context_length=64)
+                  context_length=64, **shape)
     seqs = [eng.add_request(p, params) for p in prompts]
     while eng.has_work():
         eng.step()
@@ -163,24 +178,25 @@ def test_sampling_follows_the_target_distribution(tmp_path):
     assert_follows_marginals(outs, p2, p3)
 
 
-def test_warm_and_without_compiles(tiny_models, tmp_path):
+@pytest.mark.parametrize("tree", [False, True])
+def test_warm_and_without_compiles(tiny_models, tmp_path, tree):
     target = tiny_models["llama"]
-    head = build_eagle3_head(tmp_path / "head", target,
-                             constant=_most_common_output(target, _prompts(seed=8)))
-    eng = _engine(target, head, max_running_requests=4, context_length=96)
+    head, shape = _favourite_head(tmp_path / "head", target, _prompts(seed=8), tree)
+    eng = _engine(target, head, max_running_requests=4, context_length=96, **shape)
     eng.warmup()
     sampled = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.95, seed=11,
                              ignore_eos=True, logprobs=True, top_logprobs=2)
     penalised = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
                                repetition_penalty=1.3)
     prompts = _prompts(seed=8)
-    seqs = [eng.add_request(p, [sampled, GREEDY, penalised][i % 3])
-            for i, p in enumerate(prompts)]
+    seqs = [eng.add_request(p, [sampled, penalised, GREEDY][i % 3])  # prompt 2 repeats
+            for i, p in enumerate(prompts)]  # a favourite: its greedy drafts are kept
     while eng.has_work():
         eng.step()
     assert eng.compiles_since_warmup() == 0
     stats_ = eng.stats()
     assert stats_.spec_verify_rows > 0 and stats_.spec_draft_seconds > 0
+    assert stats_.spec_accepted_tokens > 0
     assert all(len(s.output_ids) == 30 for s in seqs)
     again = eng.generate([prompts[0]], sampled)[0]["token_ids"]  # a seeded request repeats
     assert again == seqs[0].output_ids
