@@ -33,16 +33,16 @@ class ScheduledBatch:
     # (its chunk is 1 + len(drafts)); empty without speculation (engine/speculative.py).
     drafts: list[list[int]] = field(default_factory=list)
 
-    # Token trees: each draft's parent (engine/speculative.py); a row without is a chain.
+    # Token trees: each draft's parent (engine/speculative.py); a row without (or with an
+    # empty list) is a chain.
     draft_parents: list[list[int]] = field(default_factory=list)
 
     def drafts_of(self, row: int) -> list[int]:
         return self.drafts[row] if row < len(self.drafts) else []
 
     def parents_of(self, row: int) -> list[int]:
-        if row < len(self.draft_parents):
-            return self.draft_parents[row]
-        return list(range(len(self.drafts_of(row))))
+        tree = self.draft_parents[row] if row < len(self.draft_parents) else []
+        return tree or list(range(len(self.drafts_of(row))))
 
     @property
     def num_tokens(self) -> int:

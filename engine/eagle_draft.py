@@ -18,9 +18,13 @@ target's step, whose outputs it reads on the device):
    position further (the scheduler holds pages for them: ``draft_lookahead``;
    positions past a sequence's pages write to page 0, which nobody owns).
 
-Drafts are the head's argmax: one token for certain, so the target's rejection
-sampling (engine/speculative.py) keeps the target's distribution, and greedy output
-is the target's whatever the head proposes.
+With ``--speculative-eagle-topk`` above 1, step 2 is a beam search that drafts a token
+tree instead (engine/eagle_tree.py), and after a tree step the extend pass reads the
+kept branch as a chain (``kept_path_view``).
+
+Drafts are the head's argmax (or top-k): one token for certain, so the target's
+rejection sampling (engine/speculative.py) keeps the target's distribution, and greedy
+output is the target's whatever the head proposes.
 """
 
 from __future__ import annotations

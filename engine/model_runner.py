@@ -40,7 +40,7 @@ from sgljax.engine.model import Decoder, forward
 from sgljax.engine.weight_forms import fuse_projections, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
-from sgljax.engine.speculative import chain_parents, keep_path_kv, node_depths, verify
+from sgljax.engine.speculative import keep_path_kv, node_depths, verify
 from sgljax.engine.step_wire import flatten_step
 from sgljax.kernels.paged_attention import tree_bits_of
 
@@ -216,7 +216,8 @@ class ModelRunner:
                 num_drafts[i] = len(draft)
                 last_index[i] = at + np.minimum(np.arange(K + 1), len(draft))
                 tree = sched.parents_of(i)
-                if tree != chain_parents(len(draft)):  # nodes at start + depth, see ancestors
+                if tree != list(range(len(draft))):  # not a chain: nodes at start + depth,
+                    # seeing their ancestors only
                     parents[i, :len(draft)] = tree
                     tree_bits[at:at + n] = tree_bits_of(tree)
                     pos = start + node_depths(tree)

@@ -198,8 +198,7 @@ class Scheduler:
         decodes = self._schedule_decodes()
         budget = min(self.cfg.chunked_prefill_size, self.plan.max_tokens) - len(decodes)
         drafts = self._draft(decodes, budget) if self.speculating else [[] for _ in decodes]
-        parents = [seq.draft_parents[:len(d)] if seq.draft_parents else list(range(len(d)))
-                   for seq, d in zip(decodes, drafts)]
+        parents = [seq.draft_parents[:len(d)] for seq, d in zip(decodes, drafts)]
         seqs, chunks = list(decodes), [1 + len(d) for d in drafts]
         budget -= sum(map(len, drafts))
         prefills = 0

@@ -36,11 +36,6 @@ from sgljax.engine.batch import GrammarMask, LogitAdjust, SamplingBatch, StepBat
 from sgljax.engine.sampling import choose, report, row_key, target_logits
 
 
-def chain_parents(n: int) -> list[int]:
-    """The parents of n drafts in a chain: draft j follows draft j - 1 (0: the root)."""
-    return list(range(n))
-
-
 def node_depths(parents) -> np.ndarray:
     """(n + 1,) depth of node 0..n of a row (host side: its positions)."""
     depth = [0]
@@ -66,12 +61,9 @@ def verify(logits: jax.Array, drafts: jax.Array, num_drafts: jax.Array, parents:
     rows = logits.reshape(S, R, -1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32).reshape(S, R)
     greedy_kept = token == jnp.take_along_axis(greedy, parent, axis=1)
-
-    def stochastic():
-        return _sampled_walk(logits, token, parent, real, depth, sb)
-
-    kept = jax.lax.cond(sb.all_greedy | ~jnp.any(num_drafts > 0),
-                        lambda: greedy_kept, lambda: stochastic())
+    only_greedy = sb.all_greedy | ~jnp.any(num_drafts > 0)  # no row samples a draft
+    kept = jax.lax.cond(only_greedy, lambda: greedy_kept,
+                        lambda: _sampled_walk(logits, token, parent, real, depth, sb))
     kept = jnp.where(sb.temperature[:, None] <= 0, greedy_kept, kept) & real
     on = _walk(parent, kept)
     accepted = jnp.sum(on[:, 1:], axis=1).astype(jnp.int32)
@@ -80,12 +72,10 @@ def verify(logits: jax.Array, drafts: jax.Array, num_drafts: jax.Array, parents:
     path = path.astype(jnp.int32)
     last = jnp.take_along_axis(path, accepted[:, None], axis=1)[:, 0]  # the deepest kept node
     rejected = real & (parent == last[:, None])  # its children: all tested, none kept
-    final = jax.lax.cond(
-        sb.all_greedy | ~jnp.any(num_drafts > 0),
-        lambda: jnp.take_along_axis(greedy, last[:, None], axis=1)[:, 0],
-        lambda: _residual_draw(rows, last, accepted, token, rejected, sb))
-    final = jnp.where(sb.temperature <= 0, jnp.take_along_axis(greedy, last[:, None], axis=1)[:, 0],
-                      final)
+    greedy_final = jnp.take_along_axis(greedy, last[:, None], axis=1)[:, 0]
+    final = jax.lax.cond(only_greedy, lambda: greedy_final,
+                         lambda: _residual_draw(rows, last, accepted, token, rejected, sb))
+    final = jnp.where(sb.temperature <= 0, greedy_final, final)
     plain = choose(rows[:, 0], sb, adjust, grammar)  # rows without drafts
     final = jnp.where(num_drafts > 0, final, plain)
     ahead = jnp.take_along_axis(token, path[:, 1:], axis=1)  # the kept drafts, by depth
