@@ -4,6 +4,7 @@ text (engine API, no HTTP), with and without speculation, at concurrency 1 and 1
     python benchmarks/ngram_spec.py --concurrency 1,16 --output-len 160
     python benchmarks/ngram_spec.py --algorithm EAGLE3 --draft-model-path HEAD_DIR
     python benchmarks/ngram_spec.py --algorithm EAGLE3 --random-head   # the head's cost
+    python benchmarks/ngram_spec.py --algorithm EAGLE3 --random-head --serial-too  # + overlap off
 
 ``--random-head`` builds an untrained EAGLE3 head of the model's shape (its drafts are
 almost never kept): what drafting costs a step, with nothing gained. No trained head
@@ -80,6 +81,9 @@ def main() -> None:
                     "and --tree-nodes nodes")
     ap.add_argument("--tree-nodes", type=int, default=8,
                     help="EAGLE/EAGLE3 trees: draft nodes verified a step")
+    ap.add_argument("--serial-too", action="store_true",
+                    help="also run the speculating engine with the overlap schedule off "
+                    "(EAGLE overlaps its steps: engine/spec_overlap.py; NGRAM never does)")
     ap.add_argument("--random-head", action="store_true",
                     help="EAGLE3: an untrained head of the model's shape (its cost alone)")
     args = ap.parse_args()
@@ -99,7 +103,10 @@ def main() -> None:
         if args.eagle_topk > 1:
             spec["speculative_num_draft_tokens"] = args.tree_nodes + 1
     engines = {}
-    for name, kw in (("plain", {}), (args.algorithm, spec)):
+    kinds = [("plain", {}), (args.algorithm, spec)]
+    if args.serial_too:
+        kinds.append((args.algorithm + "-serial", {**spec, "disable_overlap_schedule": True}))
+    for name, kw in kinds:
         eng = Engine(model_path=args.model_path, max_running_requests=max(levels),
                      context_length=1024, disable_radix_cache=True, **kw)
         eng.warmup()
@@ -119,7 +126,7 @@ def main() -> None:
             seconds, tokens, outs, (rows, drafts, kept) = run(eng, prompts, params, c)
             drafting = eng.stats().spec_draft_seconds - drafting
             ids = [o["token_ids"] for o in outs]
-            line = (f"concurrency {c:3d} {name:6s} {tokens / seconds:7.1f} output tok/s "
+            line = (f"concurrency {c:3d} {name:13s} {tokens / seconds:7.1f} output tok/s "
                     f"({tokens} tokens, {seconds:.1f} s)")
             if rows:
                 line += (f"; accept length {1 + kept / rows:.2f}, {kept}/{drafts} drafts kept"

@@ -80,6 +80,10 @@ class StepBatch:
     # draft tokens each row verifies, and (S,) int32 how many of them are real.
     drafts: jax.Array | None = None
     num_drafts: jax.Array | None = None
+    # (S,) int32 the most drafts a row may verify before its max_tokens, as the host
+    # counts: a carried row (engine/spec_overlap.py) verifies fewer if the step before
+    # kept drafts.
+    draft_room: jax.Array | None = None
     # EAGLE (engine/eagle_draft.py): (S,) int32 the token after a prompt chunk that stops
     # short of the prompt's end, -1 for rows that sample.
     chunk_next: jax.Array | None = None
@@ -94,6 +98,18 @@ class StepBatch:
     def shape(self) -> tuple[int, int]:
         """The step's bucket: (tokens, sequences)."""
         return self.tokens.shape[0], self.page_table.shape[0]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class StepCarry:
+    """What a step leaves on the device for the next one, one slot per sequence row of
+    the widest bucket: the overlap schedule packs step N+1 before the host has step N's
+    outputs, and N+1 reads them here (``StepBatch.prev_rows``; engine/spec_overlap.py)."""
+
+    tokens: jax.Array  # (rows,) int32 each row's last emitted token
+    accepted: jax.Array | None = None  # speculative decoding: (rows,) int32 drafts kept
+    proposal: jax.Array | None = None  # EAGLE: (rows, 2, k) int32 the head's drafts, parents
 
 
 @jax.tree_util.register_dataclass

@@ -136,11 +136,21 @@ def kept_path_view(batch: StepBatch, features: jax.Array, path: jax.Array,
 
 def propose(cfg: EagleHeadConfig, target_cfg, num_steps: int, topk: int, num_nodes: int,
             page_size: int, kernels, linear: LinearKernel | None, dtype, head: dict,
-            target_top: dict, k_cache: jax.Array, v_cache: jax.Array, features: jax.Array,
-            batch: StepBatch, emitted: jax.Array, accepted: jax.Array, path: jax.Array):
+            target_top: dict, k_cache: jax.Array, v_cache: jax.Array, kept: jax.Array,
+            features: jax.Array, batch: StepBatch, emitted: jax.Array, accepted: jax.Array,
+            path: jax.Array):
     """features (T, F): the target's, of every token of the step; emitted, path (S, R) and
     accepted (S,): what the step's verify returned. → (proposal (S, 2, num_nodes): the
-    drafts and their parents, k_cache, v_cache)."""
+    drafts and their parents, ``kept`` (rows, 2, num_nodes) with the proposal in its first
+    rows (the next step reads it there: engine/spec_overlap.py), k_cache, v_cache)."""
+    proposal, k_cache, v_cache = _propose(
+        cfg, target_cfg, num_steps, topk, num_nodes, page_size, kernels, linear, dtype, head,
+        target_top, k_cache, v_cache, features, batch, emitted, accepted, path)
+    return proposal, jax.lax.dynamic_update_slice(kept, proposal, (0, 0, 0)), k_cache, v_cache
+
+
+def _propose(cfg, target_cfg, num_steps, topk, num_nodes, page_size, kernels, linear, dtype,
+             head, target_top, k_cache, v_cache, features, batch, emitted, accepted, path):
     if batch.tree_bits is not None:
         batch, features = kept_path_view(batch, features, path, accepted)
     T, (S, width) = batch.tokens.shape[0], batch.page_table.shape
@@ -219,36 +229,40 @@ class EagleDrafter:
         self._fn = jax.jit(partial(propose, head.cfg, target_cfg, num_steps, topk,
                                    self.num_nodes, target_kv.page_size, kernels, linear,
                                    dtype),
-                           donate_argnums=(2, 3), out_shardings=(replicated, kv, kv))
+                           donate_argnums=(2, 3, 4),
+                           out_shardings=(replicated, replicated, kv, kv))
         self._compile = compile_fn  # the model runner's: the persistent cache, counted
         self._executables: dict[tuple, object] = {}
         self.replicated = replicated
 
-    def _executable(self, target_top, features, batch, emitted, accepted, path):
+    def _executable(self, target_top, kept, features, batch, emitted, accepted, path):
         key = (batch.shape, batch.page_table.shape[1], features.shape, emitted.shape)
         exe = self._executables.get(key)
         if exe is None:
             with jax.set_mesh(self.mesh):
                 exe = self._compile(self._fn.lower(self.weights, target_top, self.k_cache,
-                                                   self.v_cache, features, batch, emitted,
-                                                   accepted, path))
+                                                   self.v_cache, kept, features, batch,
+                                                   emitted, accepted, path))
             self._executables[key] = exe
         return exe
 
-    def warm(self, target_top, batch: StepBatch) -> None:
-        """Compile (or load) the drafting of ``batch``'s bucket."""
+    def warm(self, target_top, batch: StepBatch, kept: jax.Array) -> None:
+        """Compile (or load) the drafting of ``batch``'s bucket (a packed step's arrays:
+        the head reads them as the step hands them over, on the device)."""
         T, S = batch.shape
         R = batch.drafts.shape[1] + 1  # the verify step's nodes a row
         spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=self.replicated)  # noqa: E731
-        self._executable(target_top, spec((T, self.feature_size), self.dtype), batch,
+        on_device = jax.tree.map(lambda x: spec(np.shape(x), np.asarray(x).dtype), batch)
+        self._executable(target_top, kept, spec((T, self.feature_size), self.dtype), on_device,
                          spec((S, R), jnp.int32), spec((S,), jnp.int32), spec((S, R), jnp.int32))
 
-    def dispatch(self, target_top, features, batch: StepBatch, emitted, accepted,
-                 path) -> jax.Array:
+    def dispatch(self, target_top, features, batch: StepBatch, emitted, accepted, path,
+                 kept: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Start drafting after the step that returned ``features``, ``emitted``,
-        ``accepted`` and ``path``; returns the proposal (S, 2, k): drafts, parents."""
-        exe = self._executable(target_top, features, batch, emitted, accepted, path)
-        proposal, self.k_cache, self.v_cache = exe(self.weights, target_top, self.k_cache,
-                                                   self.v_cache, features, batch, emitted,
-                                                   accepted, path)
-        return proposal
+        ``accepted``, ``path`` and ``batch`` (as the step ran it); returns the proposal
+        (S, 2, k): drafts, parents, and ``kept`` (donated) with it in its first rows."""
+        exe = self._executable(target_top, kept, features, batch, emitted, accepted, path)
+        proposal, kept, self.k_cache, self.v_cache = exe(
+            self.weights, target_top, self.k_cache, self.v_cache, kept, features, batch,
+            emitted, accepted, path)
+        return proposal, kept

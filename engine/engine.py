@@ -135,7 +135,7 @@ class Engine(SpeechAPI):
             chunked_prefill_size=args.chunked_prefill_size, context_length=self.context_length,
             schedule_policy=args.schedule_policy, new_seqs_per_prefill=new_per_prefill,
             max_prefill_seqs=args.max_prefill_seqs,
-            draft_head=head is not None,
+            head_drafts=args.num_draft_tokens if head is not None else 0,
             draft_lookahead=args.draft_lookahead),
             self.pool, self.prefix_cache, self.plan,
             drafter=NgramDrafter(args.num_draft_tokens,
@@ -255,9 +255,11 @@ class Engine(SpeechAPI):
         runs step N (step N+1's decode rows take their input tokens from step N on the
         device), then lands step N (copies its tokens, detokenizes, checks stops) while
         the device runs step N+1. A sequence that step N ends (EOS, a stop string) is
-        already in step N+1: that one extra token is dropped. Penalties, grammars and
-        speculative decoding's drafts need every token on the host, so while a running
-        request has them (or speculation is on) each step lands at once.
+        already in step N+1: that one extra token is dropped. EAGLE's verify rows in step
+        N+1 take their drafts and start from step N on the device too
+        (engine/spec_overlap.py). Penalties, grammars and NGRAM's drafts need every token
+        on the host, so while a running request has them (or NGRAM is on) each step lands
+        at once.
         """
         results = []
         prepare_started = time.monotonic()
@@ -279,7 +281,9 @@ class Engine(SpeechAPI):
         return results
 
     def _may_overlap(self) -> bool:
-        return not (self.args.disable_overlap_schedule or self.args.num_draft_tokens) and not any(
+        # NGRAM looks its drafts up in the tokens the step in flight emits (spec_overlap.py).
+        ngram = self.args.speculative_algorithm == "NGRAM"
+        return not (self.args.disable_overlap_schedule or ngram) and not any(
             s.params.adjusts_logits or s.grammar is not None for s in self.scheduler.running)
 
     def _pop_in_flight(self) -> InFlight:

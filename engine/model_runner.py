@@ -1,16 +1,17 @@
 """Runs a scheduled batch on the device: pack arrays, call the jitted step, unpack.
 
-The step is one pure function of (weights, K cache, V cache, last sampled
-tokens, StepBatch, SamplingBatch, LogitAdjust, GrammarMask); the caches are donated so XLA
-updates them in place. A step is ragged: its decode tokens and prompt chunks lie one
+The step is one pure function of (weights, K cache, V cache, StepCarry, StepBatch,
+SamplingBatch, LogitAdjust, GrammarMask); the caches are donated so XLA updates them
+in place. A step is ragged: its decode tokens and prompt chunks lie one
 after another in one flat batch, padded to a (tokens, sequences) bucket from the
 ``BucketPlan``; the attention backend (engine/attention_backend.py) takes it as it is.
 
 ``launch`` only dispatches: JAX runs the step asynchronously and ``fetch``
-waits for its sampled tokens. The step keeps its sampled tokens on the device
-as well, so the next step can be packed and launched before the host has
-them (``StepBatch.prev_rows``): that is what lets the engine prepare step
-N+1 while step N runs.
+waits for its sampled tokens. The step keeps its sampled tokens (and, speculating, the
+drafts it kept and the head's next proposal) on the device as well
+(``StepCarry``), so the next step can be packed and launched before the host
+has them (``StepBatch.prev_rows``; engine/spec_overlap.py): that is what lets
+the engine prepare step N+1 while step N runs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgljax.engine.attention_backend import AttentionKernels, attention_kernels, resolve_backend
-from sgljax.engine.batch import GrammarMask, LogitAdjust, SamplingBatch, ScheduledBatch, StepBatch
+from sgljax.engine.batch import (GrammarMask, LogitAdjust, SamplingBatch, ScheduledBatch,
+                                 StepBatch, StepCarry)
 from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.executable_cache import ExecutableCache
 from sgljax.engine.grammar import fill_masks, mask_words
@@ -41,6 +43,7 @@ from sgljax.engine.weight_forms import fuse_projections, unstack_layers
 from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
 from sgljax.engine.speculative import keep_path_kv, node_depths, verify
+from sgljax.engine.spec_overlap import carry_in
 from sgljax.engine.step_wire import flatten_step
 from sgljax.kernels.paged_attention import tree_bits_of
 
@@ -78,15 +81,17 @@ class Launched:
     shape: tuple = ()  # the step's (tokens, sequences) bucket
 
 
-def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, capture, weights, k_cache, v_cache, last_tokens, batch, sbatch, adjust, grammar):
+def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, capture, page_size, weights, k_cache, v_cache, carry, batch, sbatch, adjust, grammar):
     # Sequences whose input token the previous step sampled take it from the device: it
     # is their first token in this step (a decode row's only one).
-    fed = last_tokens[jnp.maximum(batch.prev_rows, 0)]
+    fed = carry.tokens[jnp.maximum(batch.prev_rows, 0)]
     first = batch.cu_q_lens[:-1]
     padded = batch.prev_rows < 0
     tokens = batch.tokens.at[jnp.where(padded, batch.tokens.shape[0], first)].set(
         fed, mode="drop")
     batch = dataclasses.replace(batch, tokens=tokens)
+    if batch.drafts is not None:  # verify rows packed before the step before landed
+        batch, sbatch = carry_in(batch, sbatch, carry, page_size)
     top, stacked, per_layer, layer_ids = weights
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
     layers = per_layer if per_layer and batch.tokens.shape == (1,) else stacked
@@ -103,10 +108,12 @@ def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, capture
         last = jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
         if batch.tree_bits is not None:  # a tree's kept nodes move to their positions
             k_cache, v_cache = keep_path_kv(k_cache, v_cache, batch, path, accepted)
-        if features:  # EAGLE's head reads the kept path too
-            features.append(path)
-    last_tokens = jax.lax.dynamic_update_slice(last_tokens, last, (0,))
-    return (*out, *features), last_tokens, k_cache, v_cache  # features: EAGLE's head reads them
+        if features:  # EAGLE's head reads the kept path, and the step as carry_in fixed it
+            features += [path, batch]
+        carry = dataclasses.replace(
+            carry, accepted=jax.lax.dynamic_update_slice(carry.accepted, accepted, (0,)))
+    carry = dataclasses.replace(carry, tokens=jax.lax.dynamic_update_slice(carry.tokens, last, (0,)))
+    return (*out, *features), carry, k_cache, v_cache  # features: EAGLE's head reads them
 
 
 class ModelRunner:
@@ -155,14 +162,18 @@ class ModelRunner:
         self.state = (top, stacked, per_layer, layer_ids)
         replicated = NamedSharding(mesh, P())
         kv_sharding = self.k_cache.sharding
-        # The previous step's sampled tokens, one slot per sequence row of the widest bucket.
-        max_rows = plan.max_seqs
-        self.last_tokens = global_array(np.zeros(max_rows, np.int32), replicated)
+        # What each step leaves for the next on the device (its rows' last tokens, kept
+        # drafts and the head's proposals), one slot per sequence row of the widest bucket.
+        rows = lambda *shape: global_array(np.zeros((plan.max_seqs, *shape), np.int32),  # noqa: E731
+                                           replicated)
+        self.carry = StepCarry(rows(), rows() if num_draft_tokens else None,
+                               rows(2, num_draft_tokens) if head is not None else None)
         self._last_rows: dict[str, int] = {}
         capture = head.cfg.capture if head is not None else None
-        outputs = 4 + bool(num_draft_tokens) + 2 * (head is not None)  # + features, path
+        outputs = 4 + bool(num_draft_tokens) + 3 * (head is not None)  # + features, path, batch
         self._step = jax.jit(partial(_step, model.cfg, model.kv_heads, act_dtype,
-                                     self.kernels, self.linear_kernel, moe_backend, capture),
+                                     self.kernels, self.linear_kernel, moe_backend, capture,
+                                     self.page_size),
                              donate_argnums=(1, 2, 3),
                              out_shardings=((replicated,) * outputs,
                                             replicated, kv_sharding, kv_sharding))
@@ -188,7 +199,9 @@ class ModelRunner:
                                                   GrammarMask | None]:
         """The ragged step's arrays: each sequence's tokens one after another."""
         ps = self.page_size
-        max_pages = max(-(-(s.num_computed + n) // ps) for s, n in zip(sched.seqs, sched.chunk_lens))
+        # A carried row (below) holds pages for as far up as the drafts in flight reach.
+        max_pages = max(len(s.pages) if s.num_pending else -(-(s.num_computed + n) // ps)
+                        for s, n in zip(sched.seqs, sched.chunk_lens))
         T, S, P = self.plan.shape_for(sched.num_tokens, len(sched.seqs), max_pages)
         tokens = np.zeros((T,), np.int32)
         positions = np.zeros((T,), np.int32)
@@ -201,6 +214,7 @@ class ModelRunner:
         drafts = np.zeros((S, K), np.int32)
         parents = np.tile(np.arange(K, dtype=np.int32), (S, 1))  # chains, unless a tree
         num_drafts = np.zeros((S,), np.int32)
+        draft_room = np.zeros((S,), np.int32)
         tree_bits = np.full((T,), -1, np.int32)
         prev_rows = np.full((S,), -1, np.int32)
         chunk_next = np.full((S,), -1, np.int32)
@@ -210,25 +224,27 @@ class ModelRunner:
             pos = np.arange(start, start + n, dtype=np.int32)
             pages = np.asarray(seq.pages, np.int32)
             draft = sched.drafts_of(i)
-            known = seq.all_ids[start:start + n - len(draft)] + draft
             if draft:  # a verify row: its last token, then the drafts, each sampled from
                 drafts[i, :len(draft)] = draft
                 num_drafts[i] = len(draft)
+                draft_room[i] = seq.draft_room
                 last_index[i] = at + np.minimum(np.arange(K + 1), len(draft))
+            if seq.num_pending:  # its first token is the step in flight's, on the device;
+                # so are its drafts and how many of that step's it keeps (spec_overlap.py)
+                assert n == 1 + len(draft) and seq.num_pending == 1, (seq.rid, n, draft)
+                prev_rows[i] = self._last_rows[seq.rid]
+            else:
+                tokens[at:at + n] = seq.all_ids[start:start + n - len(draft)] + draft
                 tree = sched.parents_of(i)
                 if tree != list(range(len(draft))):  # not a chain: nodes at start + depth,
                     # seeing their ancestors only
                     parents[i, :len(draft)] = tree
                     tree_bits[at:at + n] = tree_bits_of(tree)
                     pos = start + node_depths(tree)
-            if len(known) < n:  # the newest token is the previous step's, still on the device
-                assert n == 1 and seq.num_pending == 1, (seq.rid, n, seq.num_pending)
-                prev_rows[i] = self._last_rows[seq.rid]
-            else:
-                tokens[at:at + n] = known
             positions[at:at + n] = pos
-            cached = np.arange(start, start + n)  # a tree node's K/V: at its node's index
-            slots[at:at + n] = pages[cached // ps] * ps + cached % ps
+            if not (seq.num_pending and K):  # (a carried verify row's: on the device)
+                cached = np.arange(start, start + n)  # a tree node's K/V: at its node's index
+                slots[at:at + n] = pages[cached // ps] * ps + cached % ps
             page_table[i, :len(pages)] = pages
             cu_q_lens[i] = at
             kv_lens[i] = start + n
@@ -241,6 +257,7 @@ class ModelRunner:
                           np.asarray(len(sched.seqs), np.int32), last_index, prev_rows)
         if K:
             batch.drafts, batch.num_drafts, batch.draft_parents = drafts, num_drafts, parents
+            batch.draft_room = draft_room
         if self.trees:
             batch.tree_bits = tree_bits
         if self.eagle is not None:
@@ -350,12 +367,14 @@ class ModelRunner:
         adj = self._device_adjust(batch, adjust)
         gram = self._device_grammar(batch, grammar)
         exe = self._executable(batch, sbatch, adj, gram)
-        out, self.last_tokens, self.k_cache, self.v_cache = exe(
-            self.state, self.k_cache, self.v_cache, self.last_tokens, batch, sbatch, adj, gram)
+        out, self.carry, self.k_cache, self.v_cache = exe(
+            self.state, self.k_cache, self.v_cache, self.carry, batch, sbatch, adj, gram)
         if self.eagle is None:
             return out
-        *out, features, path = out
-        drafts = self.eagle.dispatch(self.state[0], features, batch, out[0], out[4], path)
+        *out, features, path, fixed = out
+        drafts, proposals = self.eagle.dispatch(self.state[0], features, fixed, out[0], out[4],
+                                                path, self.carry.proposal)
+        self.carry = dataclasses.replace(self.carry, proposal=proposals)
         return (*out, drafts)
 
     def _device_adjust(self, batch: StepBatch, adjust: LogitAdjust | None) -> LogitAdjust:
@@ -380,7 +399,7 @@ class ModelRunner:
                 log.warning("compiling a new step shape after warmup: %s", key)
             with jax.set_mesh(self.mesh):
                 lowered = self._step.lower(self.state, self.k_cache, self.v_cache,
-                                           self.last_tokens, batch, sbatch, adj, gram)
+                                           self.carry, batch, sbatch, adj, gram)
                 exe = self._load_or_compile(lowered)
             self._executables[key] = exe
         return exe
@@ -405,6 +424,7 @@ class ModelRunner:
                           z(S, K + 1) if K else z(S), np.full(S, -1, np.int32))
         if K:
             batch.drafts, batch.num_drafts, batch.draft_parents = z(S, K), z(S), z(S, K)
+            batch.draft_room = z(S)
         if self.trees:
             batch.tree_bits = z(T)
         if self.eagle is not None:
@@ -424,7 +444,7 @@ class ModelRunner:
         self._executable(batch, sbatch, self._device_adjust(batch, None),
                          self._device_grammar(batch, None))
         if self.eagle is not None:
-            self.eagle.warm(self.state[0], batch)
+            self.eagle.warm(self.state[0], batch, self.carry.proposal)
 
 
 def pack_audio_embeds(sched: ScheduledBatch, T: int, hidden: int):

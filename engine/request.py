@@ -31,6 +31,7 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache (or being written by a step in flight)
     num_pending: int = 0  # tokens sampled by a step still in flight: counted, not yet known
+    drafts_in_flight: int = 0  # drafts steps in flight verify: any number of them may be kept
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at admission
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
@@ -74,6 +75,12 @@ class Sequence:
     def length_done(self) -> bool:
         """It will have max_tokens once the step in flight lands: schedule it no more."""
         return self.num_generated >= self.params.max_tokens
+
+    @property
+    def draft_room(self) -> int:
+        """Drafts its next step may verify without passing max_tokens (if the step in
+        flight keeps none of its own)."""
+        return self.params.max_tokens - self.num_generated - 1
 
     @property
     def num_uncomputed(self) -> int:

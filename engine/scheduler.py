@@ -52,7 +52,7 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
     new_seqs_per_prefill: int = 1  # new prompts one step takes
     max_prefill_seqs: int = 8  # prompt chunks one step holds
-    draft_head: bool = False  # EAGLE: drafts come from the head's proposals (``proposed``)
+    head_drafts: int = 0  # EAGLE: drafts the head proposes a step (``proposed``); 0 without
     draft_lookahead: int = 0  # EAGLE: positions past a sampling row its drafting writes
 
 
@@ -61,7 +61,7 @@ class Scheduler:
                  plan: BucketPlan, drafter: NgramDrafter | None = None):
         self.cfg = cfg
         self.drafter = drafter
-        self.speculating = drafter is not None or cfg.draft_head
+        self.speculating = drafter is not None or bool(cfg.head_drafts)
         self.draft_seconds = 0.0  # host time spent proposing drafts
         self.plan = plan
         self.pool = pool
@@ -118,6 +118,7 @@ class Scheduler:
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.chunk_lens)):
             # A verify row's drafts count as computed only once the target keeps them.
             seq.num_computed += n - len(batch.drafts_of(i))
+            seq.drafts_in_flight += len(batch.drafts_of(i))
             sampled = seq.num_computed == seq.num_tokens
             if sampled:
                 seq.num_pending += 1
@@ -132,6 +133,7 @@ class Scheduler:
         before) drops its token."""
         rows = []
         for i, (seq, sampled) in enumerate(zip(batch.seqs, batch.samples)):
+            seq.drafts_in_flight -= len(batch.drafts_of(i))
             if sampled:
                 seq.num_pending -= 1
                 if not seq.finished:
@@ -145,7 +147,7 @@ class Scheduler:
         a stop string (found by the detokenizer) or max_tokens (validation keeps that
         within the context). ``kept_draft``: the token before it was a draft the target
         kept, so that token's K/V (written by the verify step) now count as computed."""
-        if kept_draft:
+        if kept_draft and seq.status is Status.RUNNING:  # (not if preempted meanwhile)
             seq.num_computed += 1
         seq.output_ids.append(token)
         if logprob is not None:
@@ -170,7 +172,8 @@ class Scheduler:
 
     # -- pages -------------------------------------------------------------
     def _pages_needed(self, seq: Sequence, new_tokens: int) -> int:
-        total = seq.num_computed + new_tokens
+        # A step in flight may keep all its drafts (the overlap schedule: spec_overlap.py).
+        total = seq.num_computed + seq.drafts_in_flight + new_tokens
         if total >= seq.num_tokens:  # the row samples: EAGLE drafts past it
             total = min(total + self.cfg.draft_lookahead, self.cfg.context_length)
         return max(0, -(-total // self.cfg.page_size) - len(seq.pages))
@@ -198,7 +201,8 @@ class Scheduler:
         decodes = self._schedule_decodes()
         budget = min(self.cfg.chunked_prefill_size, self.plan.max_tokens) - len(decodes)
         drafts = self._draft(decodes, budget) if self.speculating else [[] for _ in decodes]
-        parents = [seq.draft_parents[:len(d)] for seq, d in zip(decodes, drafts)]
+        parents = [[] if seq.num_pending else seq.draft_parents[:len(d)]  # (the device's)
+                   for seq, d in zip(decodes, drafts)]
         seqs, chunks = list(decodes), [1 + len(d) for d in drafts]
         budget -= sum(map(len, drafts))
         prefills = 0
@@ -221,6 +225,8 @@ class Scheduler:
                and prefills < self.cfg.max_prefill_seqs
                and len(self.running) < self.cfg.max_running_requests):
             seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted with a step in flight: back once its tokens land
             if not seq.pages:
                 seq.pages, seq.num_computed = self.cache.match(seq.cache_ids)
                 seq.num_cached_prompt = max(seq.num_cached_prompt, seq.num_computed)
@@ -249,16 +255,21 @@ class Scheduler:
 
     def _draft(self, decodes: list[Sequence], budget: int) -> list[list[int]]:
         """Each decode's draft tokens, while the token budget and the pool allow. None for
-        a sequence whose logits depend on every token before (penalties, a grammar) or
-        whose last token is still on the device, and none past its max_tokens."""
+        a sequence whose logits depend on every token before (penalties, a grammar), and
+        none past its max_tokens. A sequence whose last step is still in flight (the
+        overlap schedule, EAGLE only) verifies what the head proposes in that step: the
+        device fills in the tokens (-1 here) and drops the drafts that the ones that step
+        keeps leave no room for (engine/spec_overlap.py)."""
         started, drafts = time.perf_counter(), []
         for seq in decodes:
-            room = min(budget, seq.params.max_tokens - seq.num_generated - 1)
+            room = min(budget, seq.draft_room)
             draft = []
-            if room > 0 and seq.grammar is None and not seq.params.adjusts_logits \
-                    and not seq.num_pending:
-                draft = (self.drafter.propose(seq.all_ids, room) if self.drafter
-                         else seq.draft_tokens[:room])
+            if room > 0 and seq.grammar is None and not seq.params.adjusts_logits:
+                if seq.num_pending:
+                    draft = [-1] * min(room, self.cfg.head_drafts)
+                else:
+                    draft = (self.drafter.propose(seq.all_ids, room) if self.drafter
+                             else seq.draft_tokens[:room])
                 if draft and not self._grow(seq, 1 + len(draft)):
                     draft = []  # the pool is short: decode the one token
             budget -= len(draft)

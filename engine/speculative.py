@@ -57,7 +57,7 @@ def verify(logits: jax.Array, drafts: jax.Array, num_drafts: jax.Array, parents:
     token = jnp.concatenate([jnp.zeros((S, 1), drafts.dtype), drafts], axis=1)
     parent = jnp.concatenate([jnp.zeros((S, 1), parents.dtype), parents], axis=1)
     real = (node >= 1) & (node <= num_drafts[:, None])
-    depth = _depths(parent)
+    depth = tree_depths(parent)
     rows = logits.reshape(S, R, -1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32).reshape(S, R)
     greedy_kept = token == jnp.take_along_axis(greedy, parent, axis=1)
@@ -92,7 +92,8 @@ def verify(logits: jax.Array, drafts: jax.Array, num_drafts: jax.Array, parents:
             path)
 
 
-def _depths(parent: jax.Array) -> jax.Array:
+def tree_depths(parent: jax.Array) -> jax.Array:
+    """(S, R) depth of each node of rows whose parents are ``parent`` (S, R)."""
     depth = jnp.zeros(parent.shape, jnp.int32)
     for j in range(1, parent.shape[1]):  # parents come first: one pass
         depth = depth.at[:, j].set(jnp.take_along_axis(depth, parent[:, j:j + 1], axis=1)[:, 0] + 1)

@@ -1,5 +1,6 @@
-"""Tiny random EAGLE and EAGLE3 draft heads in the HF layout, and a numpy reference of
-what a head proposes (written from the papers' description, not from engine code)."""
+"""Tiny random EAGLE and EAGLE3 draft heads in the HF layout, a numpy reference of what a
+head proposes (written from the papers' description, not from engine code), targets
+built for the tests' needs, and a count of the overlap schedule's carried rows."""
 
 from __future__ import annotations
 
@@ -79,6 +80,40 @@ def build_eagle_head(out: Path, target_dir: Path, seed: int = 0, num_layers: int
         w.update(_layer(rng, f"layers.{i}.", H, norms))
     if with_embed:
         w["embed_tokens.weight"] = _normal(rng, target["vocab_size"], H, scale=0.5)
+    return _save(out, cfg, w, save_file)
+
+
+def build_copying_target(out: Path, embed_scale: float = 2.0) -> Path:
+    """A tiny Llama (tied embeddings) whose embeddings outweigh its layers: greedy, it
+    mostly repeats its last token, and now and then does not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import build_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model("llama", out),
+                                                 dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(embed_scale)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_copying_head(out: Path, target_dir: Path, seed: int = 0) -> Path:
+    """An EAGLE head that passes the token's embedding through (fc = [I, 0], near-zero
+    layers): over a tied-embedding target it drafts the token it is fed, again and again
+    (``build_copying_target`` keeps most of them)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    target = json.loads((target_dir / "config.json").read_text())
+    H = HEAD["hidden_size"]
+    cfg = dict(HEAD, architectures=["LlamaForCausalLM"], num_hidden_layers=1,
+               vocab_size=target["vocab_size"], tie_word_embeddings=False)
+    fc = np.concatenate([np.eye(H), np.zeros((H, H))], axis=1).astype(np.float32)
+    w = {"fc.weight": fc, "fc.bias": np.zeros(H, np.float32)}
+    w.update({k: v * 0.01 if v.ndim == 2 else v for k, v in
+              _layer(rng, "layers.0.", H, ("post_attention_layernorm",)).items()})
     return _save(out, cfg, w, save_file)
 
 
@@ -259,3 +294,17 @@ def assert_follows_marginals(outs, p2, p3) -> None:
         obs = np.append(counts[big], counts[~big].sum())
         exp = np.append(probs[big], probs[~big].sum()) * n
         assert stats.chisquare(obs, exp).pvalue > 1e-3, (pos, obs, exp)
+
+
+def carried_rows(eng) -> list[int]:
+    """Counts, per step, the verify rows packed before the step before them landed."""
+    counts, pack = [], eng.runner.pack
+
+    def counting(sched):
+        packed = pack(sched)
+        batch = packed[0]
+        counts.append(int(np.sum((batch.prev_rows >= 0) & (batch.num_drafts > 0))))
+        return packed
+
+    eng.runner.pack = counting
+    return counts

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from eagle_heads import (SMALL_PROMPT, assert_follows_marginals, build_eagle3_head,
-                         build_eagle_head, reference_drafts, small_target_marginals)
+                         build_eagle_head, carried_rows, reference_drafts,
+                         small_target_marginals)
 from tiny_models import build_tiny_model
 from sgljax.engine.config import ModelConfigError
 from sgljax.engine.engine import Engine
@@ -170,11 +171,12 @@ def test_sampling_follows_the_target_distribution(tmp_path):
                              constant=int(np.argsort(-p2)[1]))
     eng = _engine(target, head, chunked_prefill_size=512, max_running_requests=64,
                   context_length=64, new_seqs_per_prefill=64, max_prefill_seqs=64)
+    carried = carried_rows(eng)  # the overlap schedule runs (engine/spec_overlap.py)
     n = 1500
     outs = eng.generate([SMALL_PROMPT] * n, [
         SamplingParams(max_tokens=4, temperature=temp, seed=s, ignore_eos=True)
         for s in range(n)])
-    assert eng.stats().spec_accepted_tokens > 100
+    assert eng.stats().spec_accepted_tokens > 100 and sum(carried) > 100
     assert_follows_marginals(outs, p2, p3)
 
 
