@@ -56,7 +56,7 @@ def main() -> None:
     run(engine, prompts[:2], constrained[:2])
 
     mask_s, steps = [0.0], [0]
-    inner = engine.runner._grammar
+    inner = engine.runner.packer.grammar
 
     def timed(sched, S):
         t = time.perf_counter()
@@ -66,7 +66,7 @@ def main() -> None:
             steps[0] += 1
         return out
 
-    engine.runner._grammar = timed
+    engine.runner.packer.grammar = timed
     compiles = engine.compiles_since_warmup()
     for name, params in (("free", free), ("free, no overlap", free),
                          ("json_schema", constrained)):

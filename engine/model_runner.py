@@ -1,4 +1,5 @@
-"""Runs a scheduled batch on the device: pack arrays, call the jitted step, unpack.
+"""Runs a scheduled batch on the device: pack arrays (engine/step_packing.py), call the
+jitted step, unpack.
 
 The step is one pure function of (weights, K cache, V cache, StepCarry, StepBatch,
 SamplingBatch, LogitAdjust, GrammarMask); the caches are donated so XLA updates them
@@ -32,7 +33,7 @@ from sgljax.engine.batch import (GrammarMask, LogitAdjust, SamplingBatch, Schedu
                                  StepBatch, StepCarry)
 from sgljax.engine.buckets import BucketPlan
 from sgljax.engine.executable_cache import ExecutableCache
-from sgljax.engine.grammar import fill_masks, mask_words
+from sgljax.engine.grammar import mask_words
 from sgljax.engine.kv_cache import KVCacheSpec
 from sgljax.engine.mesh import global_array
 from sgljax.engine import cpu_kernels
@@ -40,12 +41,11 @@ from sgljax.engine.eagle_draft import EagleDrafter
 from sgljax.engine.eagle_head import EagleHead
 from sgljax.engine.model import Decoder, forward
 from sgljax.engine.weight_forms import fuse_projections, unstack_layers
-from sgljax.engine.request import Sequence
 from sgljax.engine.sampling import sample
-from sgljax.engine.speculative import keep_path_kv, node_depths, verify
+from sgljax.engine.speculative import keep_path_kv, verify
 from sgljax.engine.spec_overlap import carry_in
+from sgljax.engine.step_packing import StepPacker
 from sgljax.engine.step_wire import flatten_step
-from sgljax.kernels.paged_attention import tree_bits_of
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,8 @@ class ModelRunner:
                                    act_dtype, draft_steps or num_draft_tokens,
                                    self._load_or_compile, draft_topk, num_draft_tokens)
                       if head is not None else None)
+        self.packer = StepPacker(plan, self.page_size, self.vocab_size, model.cfg.hidden_size,
+                                 num_draft_tokens, self.trees, head is not None)
         self.broadcast = None  # multi-host rank 0: broadcast(kind, arrays) reaches the followers
         self._zero_adjust: dict[int, LogitAdjust] = {}
         self._open_grammar: dict[int, GrammarMask] = {}
@@ -194,94 +196,9 @@ class ModelRunner:
         self.executable_cache = executable_cache
         self.loaded_after_warmup = 0  # new shapes loaded from the cache: no XLA compile counts them
 
-    # -- packing -------------------------------------------------------------
-    def pack(self, sched: ScheduledBatch) -> tuple[StepBatch, SamplingBatch, LogitAdjust | None,
-                                                  GrammarMask | None]:
-        """The ragged step's arrays: each sequence's tokens one after another."""
-        ps = self.page_size
-        # A carried row (below) holds pages for as far up as the drafts in flight reach.
-        max_pages = max(len(s.pages) if s.num_pending else -(-(s.num_computed + n) // ps)
-                        for s, n in zip(sched.seqs, sched.chunk_lens))
-        T, S, P = self.plan.shape_for(sched.num_tokens, len(sched.seqs), max_pages)
-        tokens = np.zeros((T,), np.int32)
-        positions = np.zeros((T,), np.int32)
-        slots = np.zeros((T,), np.int32)  # padding writes into page 0, which nobody owns
-        page_table = np.zeros((S, P), np.int32)
-        cu_q_lens = np.full((S + 1,), sched.num_tokens, np.int32)
-        kv_lens = np.zeros((S,), np.int32)
-        K = self.num_draft_tokens
-        last_index = np.zeros((S, K + 1) if K else (S,), np.int32)
-        drafts = np.zeros((S, K), np.int32)
-        parents = np.tile(np.arange(K, dtype=np.int32), (S, 1))  # chains, unless a tree
-        num_drafts = np.zeros((S,), np.int32)
-        draft_room = np.zeros((S,), np.int32)
-        tree_bits = np.full((T,), -1, np.int32)
-        prev_rows = np.full((S,), -1, np.int32)
-        chunk_next = np.full((S,), -1, np.int32)
-        at = 0
-        for i, (seq, n) in enumerate(zip(sched.seqs, sched.chunk_lens)):
-            start = seq.num_computed
-            pos = np.arange(start, start + n, dtype=np.int32)
-            pages = np.asarray(seq.pages, np.int32)
-            draft = sched.drafts_of(i)
-            if draft:  # a verify row: its last token, then the drafts, each sampled from
-                drafts[i, :len(draft)] = draft
-                num_drafts[i] = len(draft)
-                draft_room[i] = seq.draft_room
-                last_index[i] = at + np.minimum(np.arange(K + 1), len(draft))
-            if seq.num_pending:  # its first token is the step in flight's, on the device;
-                # so are its drafts and how many of that step's it keeps (spec_overlap.py)
-                assert n == 1 + len(draft) and seq.num_pending == 1, (seq.rid, n, draft)
-                prev_rows[i] = self._last_rows[seq.rid]
-            else:
-                tokens[at:at + n] = seq.all_ids[start:start + n - len(draft)] + draft
-                tree = sched.parents_of(i)
-                if tree != list(range(len(draft))):  # not a chain: nodes at start + depth,
-                    # seeing their ancestors only
-                    parents[i, :len(draft)] = tree
-                    tree_bits[at:at + n] = tree_bits_of(tree)
-                    pos = start + node_depths(tree)
-            positions[at:at + n] = pos
-            if not (seq.num_pending and K):  # (a carried verify row's: on the device)
-                cached = np.arange(start, start + n)  # a tree node's K/V: at its node's index
-                slots[at:at + n] = pages[cached // ps] * ps + cached % ps
-            page_table[i, :len(pages)] = pages
-            cu_q_lens[i] = at
-            kv_lens[i] = start + n
-            if start + n < seq.num_tokens:  # a prompt chunk short of the prompt's end
-                chunk_next[i] = seq.all_ids[start + n]
-            at += n
-            if not draft:
-                last_index[i] = at - 1
-        batch = StepBatch(tokens, positions, slots, page_table, cu_q_lens, kv_lens,
-                          np.asarray(len(sched.seqs), np.int32), last_index, prev_rows)
-        if K:
-            batch.drafts, batch.num_drafts, batch.draft_parents = drafts, num_drafts, parents
-            batch.draft_room = draft_room
-        if self.trees:
-            batch.tree_bits = tree_bits
-        if self.eagle is not None:
-            batch.chunk_next = chunk_next
-        if any(s.audio_embeds is not None for s in sched.seqs):
-            embeds, mask = pack_audio_embeds(sched, T, self.model.cfg.hidden_size)
-            if mask.any():  # a chunk covers audio placeholders: the step's audio form
-                batch.embeds, batch.embed_mask = embeds, mask
-        return (batch, self._sampling(sched.seqs, S), self._adjust(sched.seqs, S),
-                self._grammar(sched, S))
-
-    def _sampling(self, seqs: list[Sequence], S: int) -> SamplingBatch:
-        pad = S - len(seqs)
-        col = lambda f, dt: np.asarray([f(s.params) for s in seqs] + [0] * pad, dt)  # noqa: E731
-        return SamplingBatch(
-            temperature=col(lambda p: p.temperature, np.float32),
-            top_k=col(lambda p: max(p.top_k, 0), np.int32),
-            top_p=np.asarray([s.params.top_p for s in seqs] + [1.0] * pad, np.float32),
-            min_p=col(lambda p: p.min_p, np.float32),
-            seeds=col(lambda p: p.seed & 0xFFFFFFFF, np.uint32),
-            steps=np.asarray([s.num_generated for s in seqs] + [0] * pad, np.int32),
-            all_greedy=np.asarray(all(s.params.temperature == 0 for s in seqs)),
-            want_top=np.asarray(any(s.params.top_logprobs > 0 for s in seqs)),
-        )
+    def pack(self, sched: ScheduledBatch):
+        """The step's arrays (engine/step_packing.py)."""
+        return self.packer.pack(sched, self._last_rows)
 
     def _inactive_adjust(self, S: int) -> LogitAdjust:
         if S not in self._zero_adjust:
@@ -295,38 +212,6 @@ class ModelRunner:
         # Same placement whether zeros or real: the step's cache key must not change.
         sharding = NamedSharding(self.mesh, P())
         return jax.tree.map(lambda x: global_array(np.asarray(x), sharding), tree)
-
-    def _adjust(self, seqs: list[Sequence], S: int) -> LogitAdjust | None:
-        if not any(s.params.adjusts_logits for s in seqs):
-            return None  # the step uses the zeros kept on the device
-        V = self.vocab_size
-        bias = np.zeros((S, V), np.float32)
-        seen = np.zeros((S, V), bool)
-        rep = np.ones((S,), np.float32)
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.presence_penalty or p.frequency_penalty:
-                ids, counts = np.unique(np.asarray(s.output_ids, np.int64), return_counts=True)
-                bias[i, ids] -= p.presence_penalty + p.frequency_penalty * counts
-            if p.repetition_penalty != 1:
-                seen[i, np.asarray(s.all_ids, np.int64)] = True
-                rep[i] = p.repetition_penalty
-            for tok, b in p.logit_bias.items():
-                bias[i, int(tok)] += b
-            if len(s.output_ids) < p.min_tokens:
-                bias[i, sorted(s.stop_ids)] = -np.inf
-        return LogitAdjust(np.asarray(True), bias, seen, rep)
-
-    def _grammar(self, sched: ScheduledBatch, S: int) -> GrammarMask | None:
-        """Masks of the constrained rows that sample in this step (the host knows every
-        token they generated: constrained requests turn the overlap off, engine.py)."""
-        if not any(s.grammar is not None for s in sched.seqs):
-            return None  # the step uses the all-ones mask kept on the device
-        samples = [seq.num_computed + n == seq.num_tokens
-                   for seq, n in zip(sched.seqs, sched.chunk_lens)]
-        states = [seq.grammar if sampled else None
-                  for seq, sampled in zip(sched.seqs, samples)]
-        return GrammarMask(np.asarray(True), fill_masks(states, S, self.vocab_size))
 
     def _inactive_grammar(self, S: int) -> GrammarMask:
         if S not in self._open_grammar:
@@ -445,24 +330,6 @@ class ModelRunner:
                          self._device_grammar(batch, None))
         if self.eagle is not None:
             self.eagle.warm(self.state[0], batch, self.carry.proposal)
-
-
-def pack_audio_embeds(sched: ScheduledBatch, T: int, hidden: int):
-    """The (T, hidden) override rows and (T,) mask of a step: each sequence's audio
-    encoder outputs at its chunk's <|audio_pad|> positions."""
-    embeds = np.zeros((T, hidden), np.float32)
-    mask = np.zeros((T,), bool)
-    at = 0
-    for seq, n in zip(sched.seqs, sched.chunk_lens):
-        if seq.audio_embeds is not None:
-            start = seq.num_computed
-            pos = seq.audio_positions  # sorted prompt indices of the placeholders
-            lo, hi = np.searchsorted(pos, start), np.searchsorted(pos, start + n)
-            rows = at + (pos[lo:hi] - start)
-            embeds[rows] = seq.audio_embeds[lo:hi]
-            mask[rows] = True
-        at += n
-    return embeds, mask
 
 
 def to_host(x: jax.Array) -> np.ndarray:
