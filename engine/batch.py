@@ -108,8 +108,9 @@ class StepCarry:
     outputs, and N+1 reads them here (``StepBatch.prev_rows``; engine/spec_overlap.py)."""
 
     tokens: jax.Array  # (rows,) int32 each row's last emitted token
-    accepted: jax.Array | None = None  # speculative decoding: (rows,) int32 drafts kept
-    proposal: jax.Array | None = None  # EAGLE: (rows, 2, k) int32 the head's drafts, parents
+    # EAGLE: (rows,) int32 drafts kept, and (rows, 2, k) int32 the head's drafts, parents.
+    accepted: jax.Array | None = None
+    proposal: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass

@@ -46,7 +46,7 @@ def _log_top(logits_fn, h: jax.Array, k: int):
     return (at if ids is None else ids[at]).astype(jnp.int32), top
 
 
-def _region_bits(index: jax.Array, ancestors: jax.Array) -> jax.Array:
+def tree_bits_of_ancestors(index: jax.Array, ancestors: jax.Array) -> jax.Array:
     """tree_bits of frontier nodes at region ``index`` (S, k) whose ancestors' region
     indices are the bits of ``ancestors`` (S, k); before the region: the prefix."""
     back = jnp.arange(TREE_SPAN, dtype=jnp.int32)
@@ -82,7 +82,7 @@ def draft_tree(run, logits_fn, hidden: jax.Array, start: jax.Array, batch: StepB
             cu_q_lens=jnp.minimum(jnp.arange(S + 1, dtype=jnp.int32), batch.num_seqs) * k,
             kv_lens=jnp.where(live, jnp.minimum(first + level * k, width * page_size), 0),
             num_seqs=batch.num_seqs, last_index=jnp.arange(S), prev_rows=jnp.full((S,), -1),
-            tree_bits=_region_bits(jnp.broadcast_to(index, (S, k)), ancestors).reshape(-1))
+            tree_bits=tree_bits_of_ancestors(jnp.broadcast_to(index, (S, k)), ancestors).reshape(-1))
         h, k_cache, v_cache = run(tokens.reshape(-1), front_h, step, k_cache, v_cache)
         child_tok, child_logp = _log_top(logits_fn, h, k)  # (S * k, k)
         child_score = (scores[:, :, None] + child_logp.reshape(S, k, k)

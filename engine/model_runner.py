@@ -90,7 +90,7 @@ def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, capture
     tokens = batch.tokens.at[jnp.where(padded, batch.tokens.shape[0], first)].set(
         fed, mode="drop")
     batch = dataclasses.replace(batch, tokens=tokens)
-    if batch.drafts is not None:  # verify rows packed before the step before landed
+    if carry.proposal is not None:  # EAGLE: verify rows packed before the step before landed
         batch, sbatch = carry_in(batch, sbatch, carry, page_size)
     top, stacked, per_layer, layer_ids = weights
     # One sequence decoding: unrolled over per-layer arrays where the runner keeps them.
@@ -110,8 +110,8 @@ def _step(cfg, kv_heads, act_dtype, kernels, linear_kernel, moe_backend, capture
             k_cache, v_cache = keep_path_kv(k_cache, v_cache, batch, path, accepted)
         if features:  # EAGLE's head reads the kept path, and the step as carry_in fixed it
             features += [path, batch]
-        carry = dataclasses.replace(
-            carry, accepted=jax.lax.dynamic_update_slice(carry.accepted, accepted, (0,)))
+            carry = dataclasses.replace(
+                carry, accepted=jax.lax.dynamic_update_slice(carry.accepted, accepted, (0,)))
     carry = dataclasses.replace(carry, tokens=jax.lax.dynamic_update_slice(carry.tokens, last, (0,)))
     return (*out, *features), carry, k_cache, v_cache  # features: EAGLE's head reads them
 
@@ -166,8 +166,8 @@ class ModelRunner:
         # drafts and the head's proposals), one slot per sequence row of the widest bucket.
         rows = lambda *shape: global_array(np.zeros((plan.max_seqs, *shape), np.int32),  # noqa: E731
                                            replicated)
-        self.carry = StepCarry(rows(), rows() if num_draft_tokens else None,
-                               rows(2, num_draft_tokens) if head is not None else None)
+        self.carry = (StepCarry(rows()) if head is None else
+                      StepCarry(rows(), rows(), rows(2, num_draft_tokens)))
         self._last_rows: dict[str, int] = {}
         capture = head.cfg.capture if head is not None else None
         outputs = 4 + bool(num_draft_tokens) + 3 * (head is not None)  # + features, path, batch

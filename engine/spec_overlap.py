@@ -27,42 +27,33 @@ import jax
 import jax.numpy as jnp
 
 from sgljax.engine.batch import SamplingBatch, StepBatch, StepCarry
-from sgljax.engine.eagle_tree import slots_at
+from sgljax.engine.eagle_tree import slots_at, tree_bits_of_ancestors
 from sgljax.engine.speculative import tree_depths
-from sgljax.kernels.paged_attention import TREE_SPAN
 
 
 def tree_bits_on_device(parent: jax.Array) -> jax.Array:
     """(S, R) tree_bits of rows of nodes 0..R-1 whose parents are ``parent`` (S, R)
     (node 0's is ignored): kernels/paged_attention.py's ``tree_bits_of``, batched."""
     S, R = parent.shape
-    assert R <= TREE_SPAN
-    seen = jnp.broadcast_to(jnp.eye(R, dtype=bool), (S, R, R))  # [s, i, a]: a is i or above it
+    ancestors = jnp.zeros((S, R), jnp.int32)  # bit a of node i's: node a is above it
     for i in range(1, R):  # parents come first: one pass
-        above = jnp.take_along_axis(seen, parent[:, i, None, None], axis=1)[:, 0]
-        seen = seen.at[:, i].set(seen[:, i] | above)
-    node = jnp.arange(R, dtype=jnp.int32)
-    back = node[:, None] - node[None, :]  # i - a
-    # Ancestors other than node 0, one bit each (distinct bits: the sum is their OR) ...
-    own = jnp.sum(jnp.where(seen & (node[None, None, :] >= 1) & (back >= 0),
-                            jnp.left_shift(jnp.int32(1), jnp.clip(back, 0, TREE_SPAN - 1)), 0),
-                  axis=-1, dtype=jnp.int32)
-    # ... then node 0 (i back) and every key before the row.
-    return own | jnp.left_shift(jnp.int32(-1), node)[None, :]
+        p = parent[:, i]
+        above = jnp.take_along_axis(ancestors, p[:, None], axis=1)[:, 0]
+        ancestors = ancestors.at[:, i].set(above | jnp.left_shift(jnp.int32(1), p))
+    return tree_bits_of_ancestors(jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32), (S, R)),
+                                  ancestors)
 
 
 def carry_in(batch: StepBatch, sbatch: SamplingBatch, carry: StepCarry, page_size: int):
-    """Fix the carried rows of a speculative step (``batch.prev_rows`` >= 0) from what
+    """Fix the carried rows of an EAGLE step (``batch.prev_rows`` >= 0) from what
     the step before left in ``carry``; other rows stay as the host packed them."""
     T, (S, K) = batch.tokens.shape[0], batch.drafts.shape
     fed = batch.prev_rows >= 0
     prev = jnp.maximum(batch.prev_rows, 0)
     shift = jnp.where(fed, carry.accepted[prev], 0)  # drafts the step before kept
-    drafts, parents = batch.drafts, batch.draft_parents
-    if carry.proposal is not None:  # EAGLE: the head's proposal after the step before
-        proposal = carry.proposal[prev]
-        drafts = jnp.where(fed[:, None], proposal[:, 0], drafts)
-        parents = jnp.where(fed[:, None], proposal[:, 1], parents)
+    proposal = carry.proposal[prev]  # the head's, after the step before
+    drafts = jnp.where(fed[:, None], proposal[:, 0], batch.drafts)
+    parents = jnp.where(fed[:, None], proposal[:, 1], batch.draft_parents)
     t = jnp.arange(T)
     row = jnp.clip(jnp.searchsorted(batch.cu_q_lens[1:], t, side="right"), 0, S - 1)
     local = t - batch.cu_q_lens[row]  # the token's node in its row
@@ -72,13 +63,12 @@ def carry_in(batch: StepBatch, sbatch: SamplingBatch, carry: StepCarry, page_siz
     tokens = jnp.where(mine & (local >= 1), draft_token, batch.tokens)
     # The host packed a carried row's positions as start + node, before the shift.
     cached = batch.positions + shift[row]  # a node's K/V go to its node's slot
-    full = jnp.concatenate([jnp.zeros((S, 1), parents.dtype), parents], axis=1)  # node 0's too
-    depth = tree_depths(full)
-    positions = jnp.where(mine, cached - local + depth[row, node], batch.positions)
     slots = jnp.where(mine, slots_at(batch.page_table[row], cached, mine, page_size),
                       batch.slots)
-    tree_bits = batch.tree_bits
-    if tree_bits is not None:
+    positions, tree_bits = jnp.where(mine, cached, batch.positions), batch.tree_bits
+    if tree_bits is not None:  # a tree's nodes sit at start + depth, seeing their ancestors
+        full = jnp.concatenate([jnp.zeros((S, 1), parents.dtype), parents], axis=1)
+        positions = jnp.where(mine, cached - local + tree_depths(full)[row, node], positions)
         tree_bits = jnp.where(mine, tree_bits_on_device(full)[row, node], tree_bits)
     # Drafts past max_tokens once the step before's are counted are dropped: the row's
     # tokens after them still run, and nothing reads what they compute.

@@ -60,8 +60,9 @@ class StepPacker:
                 num_drafts[i] = len(draft)
                 draft_room[i] = seq.draft_room
                 last_index[i] = at + np.minimum(np.arange(K + 1), len(draft))
+            carried = seq.num_pending and self.eagle  # (spec_overlap.py fixes it on the device)
             if seq.num_pending:  # its first token is the step in flight's, on the device;
-                # so are its drafts and how many of that step's it keeps (spec_overlap.py)
+                # with EAGLE so are its drafts and where it starts
                 assert n == 1 + len(draft) and seq.num_pending == 1, (seq.rid, n, draft)
                 prev_rows[i] = last_rows[seq.rid]
             else:
@@ -73,7 +74,7 @@ class StepPacker:
                     tree_bits[at:at + n] = tree_bits_of(tree)
                     pos = start + node_depths(tree)
             positions[at:at + n] = pos
-            if not (seq.num_pending and K):  # (a carried verify row's: on the device)
+            if not carried:
                 cached = np.arange(start, start + n)  # a tree node's K/V: at its node's index
                 slots[at:at + n] = pages[cached // ps] * ps + cached % ps
             page_table[i, :len(pages)] = pages
